@@ -1,0 +1,196 @@
+"""The suite config: one YAML file that says what to run and where to write it.
+
+Validated on load; every error names the file, the key and what is wrong.
+Relative paths are taken from the current working directory (the repository
+root in the README's commands), not from the config file's folder.
+
+Example::
+
+    name: quickstart
+    output_dir: runs/quickstart
+    data_dir: ../shared/data          # omit to load from the Hugging Face hub
+    tasks:
+      - {name: squad, split: "validation[:100]", limit: 100}
+    models:
+      - {name: tiny-calm, path: runs/quickstart/models/tiny-calm}
+    measures: [softmax_margin]
+    profiles: [generic_cpu]
+    batch_sizes: [1, 8, 32]
+    ray: {address: null}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from suite.errors import ConfigError, UnknownNameError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskConfig(_Strict):
+    """One task to run."""
+
+    name: str
+    split: str = "validation"
+    """Split, with the hub's slice syntax allowed: ``validation[:100]``."""
+    limit: int | None = Field(default=None, ge=1)
+    """At most this many examples (after slicing)."""
+    max_source_tokens: int | None = Field(default=None, ge=1)
+    max_target_tokens: int | None = Field(default=None, ge=1)
+    max_new_tokens: int | None = Field(default=None, ge=1)
+
+
+class ModelConfig(_Strict):
+    """One backbone: a hub id or a local folder written by ``save_pretrained``."""
+
+    name: str
+    path: str
+    """Hub id (``google-t5/t5-small``) or local folder."""
+    label: str | None = None
+    """Shown on the leaderboard next to the numbers, e.g. 'tiny T5 trained here on the SQuAD sample'."""
+
+
+class RayConfig(_Strict):
+    address: str | None = None
+    """``None`` starts Ray in-process on 127.0.0.1; ``auto`` or ``HOST:PORT`` joins a cluster."""
+    num_cpus: int | None = Field(default=None, ge=1)
+
+
+class SuiteConfig(_Strict):
+    """A whole suite run."""
+
+    name: str = "suite"
+    output_dir: str = "runs/suite"
+    data_dir: str | None = None
+    """Folder of JSON Lines in the hub layout; ``None`` loads from the hub (or ``EXITBENCH_DATA_DIR``)."""
+    seed: int = 0
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tasks: list[TaskConfig] = Field(min_length=1)
+    models: list[ModelConfig] = Field(default_factory=list)
+    measures: list[str] = Field(default_factory=list)
+    profiles: list[str] = Field(default_factory=list)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32])
+    record_batch_size: int = Field(default=8, ge=1)
+    """Examples decoded together when recording traces."""
+    shard_size: int = Field(default=64, ge=1)
+    """Examples per trace shard."""
+    ray: RayConfig = Field(default_factory=RayConfig)
+    extra: dict[str, Any] = Field(default_factory=dict)
+    """Free-form settings for later stages (training, replay); kept in the manifest."""
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive_batches(cls, value: list[int]) -> list[int]:
+        if not value or any(b < 1 for b in value):
+            raise ValueError("must be a non-empty list of positive integers")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value != "cpu" and not value.startswith("cuda"):
+            raise ValueError(f"{value!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'")
+        return value
+
+
+def _format_location(loc: tuple[Any, ...], data: Any) -> str:
+    """``('tasks', 0, 'limit')`` -> ``tasks[0].limit`` (with the task's name when known)."""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            label = f"[{item}]"
+            if isinstance(node, list) and item < len(node) and isinstance(node[item], dict) \
+                    and "name" in node[item]:
+                label = f"[{item}] ({node[item]['name']})"
+            parts.append(label)
+            node = node[item] if isinstance(node, list) and item < len(node) else None
+        else:
+            parts.append(("." if parts else "") + str(item))
+            node = node.get(item) if isinstance(node, dict) else None
+    return "".join(parts) or "(top level)"
+
+
+def parse_config(data: Any, path: str = "<config>") -> SuiteConfig:
+    """Validate a config mapping; raise :class:`ConfigError` naming file, key and problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a YAML mapping of keys to values, "
+                          f"got {type(data).__name__}")
+    try:
+        config = SuiteConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = _format_location(tuple(err["loc"]), data)
+            message = err["msg"]
+            if err["type"] == "extra_forbidden":
+                from suite.registry import closest_names
+                known = list(_model_for(err["loc"]).model_fields)
+                close = closest_names(str(err["loc"][-1]), known, n=1)
+                message = "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "") \
+                    + f"; valid keys here: {', '.join(known)}"
+            lines.append(f"{path}: {key}: {message}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+    _check_names(config, path)
+    return config
+
+
+def _model_for(loc: tuple[Any, ...]) -> type[BaseModel]:
+    model: type[BaseModel] = SuiteConfig
+    for item in loc[:-1]:
+        if isinstance(item, int):
+            continue
+        annotation = {"tasks": TaskConfig, "models": ModelConfig, "ray": RayConfig}.get(str(item))
+        if annotation is None:
+            break
+        model = annotation
+    return model
+
+
+def _check_names(config: SuiteConfig, path: str) -> None:
+    from suite.measures import MEASURES
+    from suite.profiles import PROFILES
+    from suite.tasks import TASKS, split_base
+
+    errors = []
+    for i, task in enumerate(config.tasks):
+        if task.name not in TASKS:
+            errors.append(f"{path}: tasks[{i}].name: {TASKS.unknown(task.name)}")
+        try:
+            split_base(task.split)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"{path}: tasks[{i}] ({task.name}).split: {exc}")
+    for key, registry, names in (("measures", MEASURES, config.measures),
+                                 ("profiles", PROFILES, config.profiles)):
+        for i, name in enumerate(names):
+            if name not in registry:
+                errors.append(f"{path}: {key}[{i}]: {registry.unknown(name)}")
+    model_names = [m.name for m in config.models]
+    for dup in sorted({n for n in model_names if model_names.count(n) > 1}):
+        errors.append(f"{path}: models: the name {dup!r} is used twice; names must be unique")
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def load_config(path: str | Path) -> SuiteConfig:
+    """Read and validate a suite config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_config(data, str(path))
+
+
+__all__ = ["SuiteConfig", "TaskConfig", "ModelConfig", "RayConfig", "load_config",
+           "parse_config", "ConfigError", "UnknownNameError"]

@@ -1,0 +1,20 @@
+"""User-facing errors: each names the input, the problem and the fix."""
+
+
+class ExitbenchError(Exception):
+    """An error caused by the user's input; the CLI prints it without a traceback."""
+
+
+class UnknownNameError(ExitbenchError, KeyError):
+    """A registry lookup for a name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class ConfigError(ExitbenchError):
+    """A suite config that does not validate."""
+
+
+class DataError(ExitbenchError):
+    """A data source that is missing, empty or lacks a field."""

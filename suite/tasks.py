@@ -1,0 +1,257 @@
+"""Tasks: where the data comes from, how inputs are formatted, how outputs are scored.
+
+A task is a :class:`TaskSpec`, written as one YAML file in ``tasks/`` (built-in)
+or provided by a plugin through the ``exitbench.tasks`` entry-point group (an
+object that is a ``TaskSpec`` or a callable returning one).
+
+Data comes from one of two sources, with the same column layout:
+
+- the Hugging Face hub (``datasets.load_dataset(hub_path, hub_config, split)``),
+  which is how users with network access run;
+- a folder of JSON Lines in the hub's layout (``--data-dir`` or
+  ``EXITBENCH_DATA_DIR``), which is how offline machines and CI run.
+
+Splits accept the hub's slicing syntax (``validation[:100]``,
+``validation[800:]``) for both sources, so training and evaluation examples
+can be carved apart from one file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from suite.errors import DataError
+from suite.registry import Registry
+
+TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+DATA_DIR_ENV = "EXITBENCH_DATA_DIR"
+
+
+@dataclass(frozen=True)
+class TaskLimits:
+    """Length limits, in tokens of the model's tokenizer."""
+
+    max_source_tokens: int
+    """Inputs are truncated to this many tokens (EOS included)."""
+    max_target_tokens: int
+    """Targets are truncated to this many tokens for training and reference-forced traces."""
+    max_new_tokens: int
+    """Generation stops after this many new tokens if EOS has not come."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of the suite. Field paths use dots (``answers.text``)."""
+
+    name: str
+    description: str
+    metric: str
+    """Name in :data:`suite.metrics.METRICS`."""
+    input_template: str
+    """``str.format`` template over the record, e.g. ``"translate English to French: {translation[en]}"``."""
+    target_template: str
+    """``str.format`` template for the training / teacher-forcing target, e.g. ``"{answers[text][0]}"``."""
+    references_field: str
+    """Dotted path to the gold reference(s): a string or a list of strings."""
+    limits: TaskLimits
+    hub_path: str
+    hub_config: str | None = None
+    id_field: str | None = "id"
+    """Dotted path to a unique example id; ``None`` uses the row index."""
+    local_files: dict[str, str] = field(default_factory=dict)
+    """Split name -> file name inside the data folder, for files not named ``<task>/<split>.jsonl``."""
+    source: str = "builtin"
+
+    def with_limits(self, **overrides: int | None) -> TaskSpec:
+        """A copy with some limits overridden (``None`` keeps the default)."""
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self, limits=dataclasses.replace(self.limits, **changes))
+
+    @property
+    def input_fields(self) -> list[str]:
+        return template_fields(self.input_template)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One formatted example."""
+
+    id: str
+    source: str
+    """The model input (prompt already applied)."""
+    target: str
+    """The single training / teacher-forcing target."""
+    references: tuple[str, ...]
+    """All gold references the metric compares against."""
+
+
+def template_fields(template: str) -> list[str]:
+    """Top-level record fields a ``str.format`` template reads."""
+    names = []
+    for _, field_name, _, _ in string.Formatter().parse(template):
+        if field_name:
+            names.append(re.split(r"[.\[]", field_name, maxsplit=1)[0])
+    return names
+
+
+def get_path(record: dict[str, Any], dotted: str) -> Any:
+    value: Any = record
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(dotted)
+        value = value[part]
+    return value
+
+
+def task_from_dict(data: dict[str, Any], source: str) -> TaskSpec:
+    data = dict(data)
+    limits = TaskLimits(**data.pop("limits"))
+    hub = data.pop("hub")
+    return TaskSpec(limits=limits, hub_path=hub["path"], hub_config=hub.get("config"),
+                    source=source, **data)
+
+
+def load_task_yaml(path: Path) -> TaskSpec:
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    try:
+        return task_from_dict(data, source=f"builtin:{path.name}")
+    except (TypeError, KeyError) as exc:
+        raise DataError(f"{path}: not a valid task definition ({exc})") from exc
+
+
+def _discover_builtin_tasks(registry: Registry[TaskSpec]) -> None:
+    for path in sorted(TASKS_DIR.glob("*.yaml")):
+        registry.register(path.stem, loader=lambda p=path: load_task_yaml(p), source="builtin")
+
+
+def _check_task(name: str, value: Any) -> TaskSpec:
+    if callable(value) and not isinstance(value, TaskSpec):
+        value = value()
+    if not isinstance(value, TaskSpec):
+        raise TypeError(f"task {name!r} must be a TaskSpec (or a callable returning one), "
+                        f"got {type(value).__name__}")
+    return value
+
+
+TASKS: Registry[TaskSpec] = Registry("task", "exitbench.tasks", _discover_builtin_tasks, _check_task)
+
+
+def get_task(name: str) -> TaskSpec:
+    return TASKS.get(name)
+
+
+# -- data loading -----------------------------------------------------------------
+_SPLIT_RE = re.compile(r"^(?P<base>[A-Za-z0-9_\-]+)(?P<slice>\[.*\])?$")
+
+
+def split_base(split: str) -> str:
+    match = _SPLIT_RE.match(split.strip())
+    if not match:
+        raise DataError(f"split {split!r} is not a split name with an optional slice, "
+                        f"such as 'validation' or 'validation[:100]'")
+    return match.group("base")
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
+    if data_dir is None:
+        data_dir = os.environ.get(DATA_DIR_ENV) or None
+    return Path(data_dir).expanduser().resolve() if data_dir else None
+
+
+def local_file(task: TaskSpec, data_dir: Path, split: str) -> Path:
+    """The JSON Lines file of ``split`` inside ``data_dir``; raises naming what was tried."""
+    base = split_base(split)
+    candidates = []
+    if base in task.local_files:
+        candidates.append(data_dir / task.local_files[base])
+    candidates += [data_dir / task.name / f"{base}.jsonl", data_dir / f"{task.name}_{base}.jsonl"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise DataError(f"task {task.name!r}: no JSON Lines file for split {base!r} in {data_dir}; "
+                    f"looked for {', '.join(str(c) for c in candidates)}. Put the split there "
+                    f"in the hub's column layout, or drop --data-dir to load from the hub.")
+
+
+def load_records(task: TaskSpec, split: str, data_dir: str | os.PathLike | None = None):
+    """The raw ``datasets.Dataset`` for a split, from the local folder or the hub."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    folder = resolve_data_dir(data_dir)
+    base = split_base(split)
+    if folder is not None:
+        if not folder.is_dir():
+            raise DataError(f"task {task.name!r}: data folder {folder} does not exist "
+                            f"(from --data-dir or {DATA_DIR_ENV})")
+        path = local_file(task, folder, split)
+        where = str(path)
+        try:
+            ds = datasets.load_dataset("json", data_files={base: str(path)}, split=split)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the path and task named
+            raise DataError(f"task {task.name!r}: could not read {path} as JSON Lines "
+                            f"for split {split!r}: {exc}") from exc
+    else:
+        where = f"hub dataset {task.hub_path!r} (config {task.hub_config!r})"
+        try:
+            ds = datasets.load_dataset(task.hub_path, task.hub_config, split=split)
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(f"task {task.name!r}: could not load split {split!r} from {where}: "
+                            f"{exc}. Offline, pass --data-dir (or set {DATA_DIR_ENV}) to a "
+                            f"folder of JSON Lines.") from exc
+    if len(ds) == 0:
+        raise DataError(f"task {task.name!r}: split {split!r} from {where} is empty")
+    needed = set(task.input_fields) | set(template_fields(task.target_template))
+    needed.add(task.references_field.split(".")[0])
+    if task.id_field:
+        needed.add(task.id_field.split(".")[0])
+    missing = sorted(needed - set(ds.column_names))
+    if missing:
+        raise DataError(f"task {task.name!r}: {where} has no field(s) {', '.join(missing)} "
+                        f"(it has {', '.join(ds.column_names)}); the task reads "
+                        f"{', '.join(sorted(needed))}")
+    return ds, where
+
+
+def format_example(task: TaskSpec, record: dict[str, Any], index: int, where: str = "") -> Example:
+    """Apply the task's templates to one raw record."""
+    try:
+        source = task.input_template.format(**record)
+        target = task.target_template.format(**record)
+        refs = get_path(record, task.references_field)
+        example_id = str(get_path(record, task.id_field)) if task.id_field else str(index)
+    except (KeyError, IndexError, TypeError) as exc:
+        raise DataError(f"task {task.name!r}: record {index} of {where or 'the data'} lacks a "
+                        f"field the task needs ({exc}); templates: input "
+                        f"{task.input_template!r}, target {task.target_template!r}, references "
+                        f"{task.references_field!r}") from exc
+    references = (refs,) if isinstance(refs, str) else tuple(str(r) for r in refs)
+    if not references:
+        raise DataError(f"task {task.name!r}: record {index} ({example_id}) of {where} has no "
+                        f"references in {task.references_field!r}")
+    return Example(id=example_id, source=source, target=target, references=references)
+
+
+def load_examples(task: TaskSpec, split: str, data_dir: str | os.PathLike | None = None,
+                  limit: int | None = None) -> list[Example]:
+    """Formatted examples of a task split, at most ``limit`` of them, in file order."""
+    ds, where = load_records(task, split, data_dir)
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    examples = [format_example(task, rec, i, where) for i, rec in enumerate(ds)]
+    seen: set[str] = set()
+    for ex in examples:
+        if ex.id in seen:
+            raise DataError(f"task {task.name!r}: example id {ex.id!r} occurs twice in {where}; "
+                            f"ids must be unique")
+        seen.add(ex.id)
+    return examples
