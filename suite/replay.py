@@ -1,0 +1,169 @@
+"""Offline replay: a measure's scores and a vector of thresholds -> every token's exit layer,
+the replayed output, and what it costs in quality.
+
+The exit rule (shared by every measure): a token exits at the first layer
+``l >= min_layer`` whose score reaches the threshold, else at the last layer.
+
+Vectorisation (torch, multi-threaded). For each token let ``M[l]`` be the running maximum of the
+scores over layers ``min_layer..l`` (``-inf`` below ``min_layer``). ``M`` is
+non-decreasing, so a threshold ``t`` is first reached at the first ``l`` with
+``M[l] >= t``. With the thresholds sorted, ``reached[l] = searchsorted(t, M[l],
+"right")`` counts the thresholds reached by layer ``l``; the exit layer of
+threshold ``k`` is the number of layers with ``reached[l] <= k``. That count is
+built by one scatter per layer and a cumulative sum over thresholds:
+O(tokens x (layers + thresholds)) work instead of tokens x layers x thresholds,
+and no Python loop per token or per threshold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from suite.traces import TraceArrays
+
+TOKEN_CHUNK = 1 << 18
+"""Tokens per chunk, which bounds the [tokens, thresholds] scratch array (~26 MB at 100 thresholds)."""
+
+
+def _thresholds_as(thresholds: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Thresholds in the scores' float type, rounded up where the cast rounded down, so that
+    ``score >= cast(threshold)`` holds exactly when ``score >= threshold`` does."""
+    exact = torch.from_numpy(thresholds)
+    cast = exact.to(dtype)
+    low = cast.double() < exact
+    cast[low] = torch.nextafter(cast[low], torch.tensor(float("inf"), dtype=dtype))
+    return cast
+
+
+def exit_layers(scores: np.ndarray, thresholds: Sequence[float] | np.ndarray,
+                min_layer: int = 0) -> np.ndarray:
+    """Exit layer (0-based) of every token for every threshold: ``[thresholds, tokens]``
+    (int8 when the model has at most 127 layers, else int16).
+
+    ``scores`` is ``[tokens, layers]``; NaN counts as "never exit here" (validation rejects
+    measures that produce it). Thresholds may come in any order; rows follow their order.
+    """
+    scores = np.asarray(scores)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [tokens, layers], got shape {scores.shape}")
+    num_tokens, num_layers = scores.shape
+    if not 0 <= min_layer < num_layers:
+        raise ValueError(f"min_layer {min_layer} is outside 0..{num_layers - 1}")
+    thresholds = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+    order = np.argsort(thresholds, kind="stable")
+    num_thresholds = len(thresholds)
+    float_dtype = torch.float64 if scores.dtype == np.float64 else torch.float32
+    boundaries = _thresholds_as(thresholds[order], float_dtype)
+    layer_dtype = torch.int8 if num_layers <= 127 else torch.int16
+    result = np.empty((num_thresholds, num_tokens), dtype=np.int8 if num_layers <= 127
+                      else np.int16)
+    result_view = torch.from_numpy(result)
+    checked = num_layers - 1  # the last layer always exits
+    for start in range(0, num_tokens, TOKEN_CHUNK):  # chunks bound memory; no per-token loop
+        chunk = torch.from_numpy(np.ascontiguousarray(scores[start:start + TOKEN_CHUNK]))
+        chunk = torch.nan_to_num(chunk.to(float_dtype)[:, :checked], nan=-float("inf"))
+        chunk[:, :min_layer] = -float("inf")
+        # thresholds reached by each layer's score, then by the running max over layers
+        reached = torch.cummax(torch.bucketize(chunk, boundaries, right=True), dim=1).values
+        width = chunk.shape[0]
+        counts = torch.zeros((width, num_thresholds + 1), dtype=layer_dtype)
+        counts.scatter_add_(1, reached, torch.ones_like(reached, dtype=layer_dtype))
+        # exit layer for threshold k = number of layers that reach at most k thresholds
+        exits = torch.cumsum(counts[:, :num_thresholds], dim=1, dtype=layer_dtype)
+        result_view[:, start:start + width] = exits.T
+    if not np.array_equal(order, np.arange(num_thresholds)):
+        unsorted = np.empty_like(result)
+        unsorted[order] = result
+        result = unsorted
+    return result
+
+
+def replayed_tokens(traces: TraceArrays, exits: np.ndarray) -> np.ndarray:
+    """The prediction at each token's exit layer along the recorded trajectory: ``[K, T]``."""
+    rows = np.arange(traces.num_tokens)[None, :]
+    return traces.top1_id[rows, exits.astype(np.intp)]
+
+
+@dataclass(frozen=True)
+class ExitStatistics:
+    """Per-threshold summaries of where tokens exit. Layers are counted 1-based in
+    ``mean_layers_used`` (a token exiting at layer index 0 used one layer)."""
+
+    mean_layers_used: np.ndarray
+    """``[K]`` mean number of decoder layers run per token."""
+    exit_histogram: np.ndarray
+    """``[K, L]`` fraction of tokens exiting at each layer."""
+    token_agreement: np.ndarray
+    """``[K]`` fraction of tokens whose replayed prediction equals the full-depth token."""
+
+
+def exit_statistics(traces: TraceArrays, exits: np.ndarray, tokens: np.ndarray) -> ExitStatistics:
+    num_thresholds, num_tokens = exits.shape
+    num_layers = traces.num_layers
+    flat = (exits.astype(np.int64) + num_layers * np.arange(num_thresholds)[:, None]).ravel()
+    histogram = np.bincount(flat, minlength=num_thresholds * num_layers)
+    histogram = histogram.reshape(num_thresholds, num_layers) / max(num_tokens, 1)
+    return ExitStatistics(
+        mean_layers_used=exits.mean(axis=1, dtype=np.float64) + 1.0,
+        exit_histogram=histogram,
+        token_agreement=(tokens == traces.final_id[None, :]).mean(axis=1, dtype=np.float64))
+
+
+def sequences_by_example(traces: TraceArrays, tokens_row: np.ndarray,
+                         eos_token_id: int | None) -> list[list[int]]:
+    """Split one threshold's ``[T]`` replayed tokens into per-example id lists, cut at the
+    first EOS: an early EOS ends the replayed output there."""
+    starts, ends = traces.example_bounds()
+    sequences = []
+    for start, end in zip(starts, ends):  # per example (hundreds), not per token
+        ids = tokens_row[start:end]
+        if eos_token_id is not None:
+            hits = np.flatnonzero(ids == eos_token_id)
+            if hits.size:
+                ids = ids[:hits[0]]
+        sequences.append(ids.tolist())
+    return sequences
+
+
+def outputs_hash(outputs: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for text in outputs:
+        digest.update(text.encode("utf-8"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+class ScoreCache:
+    """Task-metric results keyed by the hash of the whole output list, so thresholds that
+    replay to the same outputs (common: every high threshold is full depth) are scored once.
+    Optionally persisted as JSON in the run directory."""
+
+    def __init__(self, path=None):
+        import json
+        from pathlib import Path
+
+        self.path = Path(path) if path else None
+        self.entries: dict[str, dict] = {}
+        if self.path and self.path.is_file():
+            self.entries = json.loads(self.path.read_text("utf-8"))
+        self.hits = 0
+        self.misses = 0
+
+    def get_or_compute(self, key: str, compute: Callable[[], dict]) -> dict:
+        if key in self.entries:
+            self.hits += 1
+            return self.entries[key]
+        self.misses += 1
+        value = compute()
+        self.entries[key] = value
+        return value
+
+    def save(self) -> None:
+        if self.path:
+            from suite.atomic import atomic_write_json
+            atomic_write_json(self.path, self.entries)

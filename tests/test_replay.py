@@ -1,0 +1,103 @@
+"""Replay's vectorised exit rule against a plain loop, and its statistics."""
+
+import numpy as np
+import pytest
+
+from suite.replay import (
+    ScoreCache,
+    exit_layers,
+    exit_statistics,
+    replayed_tokens,
+    sequences_by_example,
+)
+from suite.traces import TraceArrays
+
+
+def loop_exit_layers(scores, thresholds, min_layer):
+    """The exit rule written the obvious way."""
+    num_tokens, num_layers = scores.shape
+    out = np.empty((len(thresholds), num_tokens), dtype=np.int64)
+    for k, threshold in enumerate(thresholds):
+        for t in range(num_tokens):
+            out[k, t] = num_layers - 1
+            for layer in range(min_layer, num_layers):
+                if scores[t, layer] >= threshold:
+                    out[k, t] = layer
+                    break
+    return out
+
+
+@pytest.mark.parametrize("min_layer", [0, 2])
+def test_exit_layers_equal_a_plain_loop_on_random_scores(min_layer):
+    rng = np.random.default_rng(min_layer)
+    scores = rng.random((300, 7))
+    scores[rng.random((300, 7)) < 0.1] = -np.inf
+    scores[:5] = np.round(scores[:5], 1)  # ties with thresholds
+    thresholds = rng.permutation(np.r_[np.linspace(0, 1, 21), [0.35, 1.5, -1.0]])
+    expected = loop_exit_layers(scores, thresholds, min_layer)
+    assert np.array_equal(exit_layers(scores, thresholds, min_layer), expected)
+
+
+def test_exit_layers_chunks_agree(monkeypatch):
+    import suite.replay as replay
+    rng = np.random.default_rng(3)
+    scores = rng.random((1000, 5))
+    thresholds = np.linspace(0, 1, 11)
+    whole = exit_layers(scores, thresholds)
+    monkeypatch.setattr(replay, "TOKEN_CHUNK", 64)
+    assert np.array_equal(exit_layers(scores, thresholds), whole)
+
+
+def test_nan_never_exits_and_bad_min_layer_is_rejected():
+    scores = np.array([[np.nan, 0.9, 0.1]])
+    assert exit_layers(scores, [0.5]).tolist() == [[1]]
+    with pytest.raises(ValueError, match="min_layer"):
+        exit_layers(scores, [0.5], min_layer=3)
+
+
+def make_traces():
+    # two examples: 3 tokens and 2 tokens, 3 layers; EOS id 1
+    top1 = np.array([[5, 7, 7], [4, 8, 8], [1, 9, 1], [6, 6, 6], [1, 2, 1]], dtype=np.int32)
+    zeros = np.zeros(top1.shape, np.float32)
+    return TraceArrays(example_id=np.array(["a", "a", "a", "b", "b"], dtype=object),
+                       position=np.array([0, 1, 2, 0, 1], np.int32),
+                       final_id=top1[:, -1].copy(), gold_id=-np.ones(5, np.int32), top1_id=top1,
+                       top1_prob=zeros, top2_prob=zeros, cos_prev=zeros, cos_last=zeros)
+
+
+def test_replayed_tokens_statistics_and_sequences():
+    traces = make_traces()
+    exits = np.array([[2, 2, 2, 2, 2], [0, 1, 0, 0, 0]], dtype=np.int16)
+    tokens = replayed_tokens(traces, exits)
+    assert tokens.tolist() == [[7, 8, 1, 6, 1], [5, 8, 1, 6, 1]]
+    stats = exit_statistics(traces, exits, tokens)
+    assert stats.mean_layers_used.tolist() == pytest.approx([3.0, 1.2])
+    assert stats.exit_histogram[1].tolist() == pytest.approx([0.8, 0.2, 0.0])
+    assert stats.token_agreement.tolist() == pytest.approx([1.0, 0.8])
+    # an early EOS ends the replayed output there
+    early = np.array([0, 1, 0, 0, 0], dtype=np.int16)
+    assert sequences_by_example(traces, replayed_tokens(traces, early[None])[0], 1) == \
+        [[5, 8], [6]]
+
+
+def test_score_cache_counts_hits_and_persists(tmp_path):
+    cache = ScoreCache(tmp_path / "scores.json")
+    calls = []
+    for _ in range(3):
+        cache.get_or_compute("k", lambda: calls.append(1) or {"f1": 1.0})
+    assert (cache.hits, cache.misses, len(calls)) == (2, 1, 1)
+    cache.save()
+    assert ScoreCache(tmp_path / "scores.json").get_or_compute("k", lambda: {"f1": 0}) == \
+        {"f1": 1.0}
+
+
+def test_float32_scores_at_threshold_boundaries():
+    # scores exactly on, just below and just above an evenly spaced grid, in float32
+    grid = np.linspace(0, 1, 41)
+    values = np.concatenate([grid, np.nextafter(grid, -1), np.nextafter(grid, 2)])
+    scores = np.stack([values, values, values], axis=1).astype(np.float32)
+    expected = loop_exit_layers(scores.astype(np.float64), grid, 0)
+    assert np.array_equal(exit_layers(scores, grid), expected)
+    uneven = np.r_[grid[:-1], 0.999]
+    assert np.array_equal(exit_layers(scores, uneven),
+                          loop_exit_layers(scores.astype(np.float64), uneven, 0))
