@@ -12,7 +12,17 @@ only through this contract:
 - :meth:`Measure.check_cost`: the price of one check at one layer for one token.
 - :meth:`Measure.scores`: a float score per token per layer, **causal**: the
   score at layer ``l`` may depend on layers ``<= l`` only. ``-inf`` means
-  "never exit here".
+  "never exit here"; NaN and ``+inf`` are invalid.
+- :meth:`Measure.checked_layers`: where a check is made and paid for. The exit
+  rule reads the scores at every layer; a layer a measure cannot exit at has
+  ``-inf`` there. A measure whose decision costs nothing at run time (a static
+  exit layer, the oracle) may check nowhere and still exit.
+- :meth:`Measure.thresholds_for`: the threshold sweep for a model depth.
+
+Options: a measure's constructor takes its options as keyword arguments with
+defaults (``MyMeasure(hidden_size=64)``); the engine instantiates the class with
+the options from the suite config. :func:`code_hash` hashes a measure's source
+for result provenance and learned-weight caches.
 
 The exit rule is shared and lives in the engine, not in measures: a token exits
 at the first layer ``l >= min_layer`` whose score reaches the threshold, else at
@@ -22,6 +32,8 @@ the last layer.
 from __future__ import annotations
 
 import abc
+import hashlib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -34,6 +46,21 @@ if TYPE_CHECKING:
     from suite.traces import TraceArrays
 
 MEASURES_DIR = Path(__file__).resolve().parent.parent / "measures"
+
+TRACE_FIELDS: frozenset[str] = frozenset({
+    "top1_id", "top1_prob", "top2_prob", "cos_prev", "cos_last",  # per layer [T, L]
+    "example_id", "position", "final_id", "gold_id",  # per token [T]
+    "hidden",  # per layer [T, L, d_model], re-materialised on demand
+})
+"""The trace fields a measure may name in ``reads`` (see :class:`suite.traces.TraceArrays`)."""
+
+BYTES_PER_VALUE = 4
+"""Cost declarations count weights and saved states as float32 (4 bytes per value)."""
+
+DENSE_NEAR_ONE: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9,
+                                     0.925, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999,
+                                     0.9995, 0.9999, 1.0)
+"""A threshold sweep for scores in [0, 1] that cluster near 1 (probabilities, cosines)."""
 
 
 @dataclass(frozen=True)
@@ -71,10 +98,15 @@ class Measure(abc.ABC):
     deployable: ClassVar[bool] = True
     """False for upper bounds such as the oracle, which look ahead by design."""
     thresholds: ClassVar[tuple[float, ...]] = tuple(np.round(np.linspace(0.0, 1.0, 21), 4))
-    """Default threshold sweep."""
+    """Default threshold sweep (see :meth:`thresholds_for`)."""
+    fit_reads: ClassVar[frozenset[str]] = frozenset()
+    """Trace fields :meth:`fit` reads besides ``reads`` (e.g. labels: ``top1_id``,
+    ``final_id``, ``gold_id``); :meth:`scores` may read only ``reads``."""
 
     def fit(self, traces: TraceArrays, **options: Any) -> None:  # pragma: no cover - default
-        """Learn parameters from train-split traces (only when ``needs_fit``)."""
+        """Learn parameters from train-split traces (only when ``needs_fit``). Options the
+        engine and validation may pass: ``epochs``, ``seed``, ``cache_dir``; a measure
+        accepts those it uses. Fitting must be deterministic for a given seed."""
         if self.needs_fit:
             raise NotImplementedError(f"measure {self.name!r} needs fit() but does not define it")
 
@@ -92,6 +124,22 @@ class Measure(abc.ABC):
         mask = np.ones(num_layers, dtype=bool)
         mask[-1] = False
         return mask
+
+    def thresholds_for(self, num_layers: int) -> tuple[float, ...]:
+        """The threshold sweep for a model with ``num_layers`` decoder layers. By default the
+        class's ``thresholds``; a measure whose sweep depends on depth (static_layer) overrides it."""
+        return tuple(float(t) for t in self.thresholds)
+
+
+def code_hash(measure_cls: type) -> str:
+    """SHA-256 of the source file that defines ``measure_cls`` (its whole module, so helper
+    functions beside the class count too)."""
+    digest = hashlib.sha256()
+    try:
+        digest.update(Path(inspect.getfile(measure_cls)).read_bytes())
+    except (TypeError, OSError):  # defined interactively: fall back to the qualified name
+        digest.update(f"{measure_cls.__module__}.{measure_cls.__qualname__}".encode())
+    return digest.hexdigest()
 
 
 def _discover_builtin_measures(registry: Registry[type[Measure]]) -> None:
