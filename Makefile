@@ -14,6 +14,7 @@ $(PY): pyproject.toml scripts/setup.sh
 	@touch $(PY)
 
 setup: $(PY)
+	./scripts/setup.sh --browser-only
 
 quickstart: $(PY)
 	$(VENV)/bin/exitbench quickstart --config configs/quickstart.yaml

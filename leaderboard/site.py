@@ -1,0 +1,460 @@
+"""Build the static leaderboard site from a run's results.
+
+:func:`build_site` reads a run directory (see :mod:`leaderboard.inputs`), computes fronts and
+scores (:mod:`leaderboard.summary`), renders the pages with Jinja2 (autoescaped: every string
+from results, manifests and reports is data) and writes the site into a temporary folder
+beside ``out_dir`` that is then renamed over it, so a reader never sees half a site.
+
+Pages (all links relative, so the folder can be opened from disk or served anywhere)::
+
+    index.html                 fronts per (task, model, profile), batch selector, rankings
+    measures/index.html        every measure; measures/<slug>.html one page each
+    profiles/index.html        every profile; profiles/<slug>.html one page each
+    provenance.html            run manifest, trace manifests, per-row hashes
+    analysis.html              the run's analysis figures (when the run has them)
+    data/results.json          the results file the site was built from
+    static/style.css, static/site.js
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import jinja2
+from markupsafe import Markup, escape
+
+from leaderboard.describe import describe_measure, describe_profile
+from leaderboard.inputs import LeaderboardError, RunInputs, read_run
+from leaderboard.plot import PALETTE_SIZE, colour_class, format_rate, panel_figure
+from leaderboard.summary import (
+    BASELINE_MEASURE,
+    Panel,
+    PanelGroup,
+    build_panels,
+    consistency_notes,
+)
+from suite import __version__
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+TEMPLATES_DIR = PACKAGE_DIR / "templates"
+STATIC_DIR = PACKAGE_DIR / "static"
+SITE_MARKER = ".exitbench-site.json"
+"""Written into every built site; a folder without it is never replaced."""
+
+
+# -- escaping and formatting filters -------------------------------------------------------
+def script_json(value: Any) -> Markup:
+    """JSON safe inside ``<script>``: ``<``, ``>`` and ``&`` become ``\\u00XX`` escapes, so
+    neither ``</script>`` nor ``<!--`` can end or change the script element."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                          ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(char, escaped)
+    return Markup(text)
+
+
+URL_PATTERN = re.compile(r"https?://[^\s<>\"'()]+[^\s<>\"'().,;:]")
+
+
+def linkify(text: Any) -> Markup:
+    """Escape ``text`` and turn its http(s) URLs (and only those) into links."""
+    text = str(text)
+    out, last = [], 0
+    for match in URL_PATTERN.finditer(text):
+        out.append(str(escape(text[last:match.start()])))
+        url = match.group(0)
+        out.append(f'<a href="{escape(url)}" rel="noopener noreferrer">{escape(url)}</a>')
+        last = match.end()
+    out.append(str(escape(text[last:])))
+    return Markup("".join(out))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def fmt_speedup(value: Any) -> str:
+    return f"{value:.2f}×" if _finite(value) else "none"
+
+
+def fmt_quality(value: Any) -> str:
+    return f"{value:.2f}" if _finite(value) else "n/a"
+
+
+def fmt_area(value: Any) -> str:
+    return f"{value:+.2f}" if _finite(value) else "n/a"
+
+
+def sort_key(value: Any) -> str:
+    """``data-sort`` value of a numeric cell ("" sorts last)."""
+    return repr(float(value)) if _finite(value) else ""
+
+
+def fmt_px(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def fmt_threshold(value: Any) -> str:
+    return f"{value:g}" if _finite(value) else str(value)
+
+
+def fmt_count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def short_hash(value: Any) -> str:
+    text = str(value)
+    return text[:12] if len(text) > 12 else text
+
+
+def make_environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
+                             autoescape=True, undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters.update(script_json=script_json, linkify=linkify, speedup=fmt_speedup,
+                       quality=fmt_quality, area=fmt_area, sortkey=sort_key, px=fmt_px,
+                       rate=format_rate, threshold=fmt_threshold, count=fmt_count,
+                       short=short_hash)
+    return env
+
+
+# -- names to files and anchors ------------------------------------------------------------
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
+
+
+def _slug(name: str) -> str:
+    if SAFE_NAME.match(name) and name.lower() not in ("index", "static", "data"):
+        return name
+    ascii_part = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "x"
+    return f"{ascii_part}-{hashlib.sha256(name.encode('utf-8')).hexdigest()[:8]}"
+
+
+def unique_slugs(names: list[str]) -> dict[str, str]:
+    """File-safe, unique (also case-insensitively) slugs for ``names``."""
+    slugs: dict[str, str] = {}
+    taken: set[str] = set()
+    for name in sorted(set(names)):
+        slug = _slug(name)
+        if slug.lower() in taken:
+            slug = f"{slug}-{hashlib.sha256(name.encode('utf-8')).hexdigest()[:8]}"
+        taken.add(slug.lower())
+        slugs[name] = slug
+    return slugs
+
+
+def panel_anchor(group: PanelGroup) -> str:
+    key = "\0".join(group.key)
+    readable = re.sub(r"[^a-z0-9]+", "-", f"{group.task}-{group.profile}".lower()).strip("-")
+    return f"panel-{readable[:40]}-{hashlib.sha256(key.encode('utf-8')).hexdigest()[:8]}"
+
+
+# -- view models ---------------------------------------------------------------------------
+@dataclass
+class RankingRow:
+    measure: str
+    href: str
+    mode: str
+    deployable: bool
+    best_speedup: float
+    area: float
+    fastest_quality: float
+    fastest_speedup: float
+    points: int
+    colour: str
+    is_baseline: bool
+
+
+@dataclass
+class PanelView:
+    batch_size: int
+    hidden: bool
+    panel: Panel | None
+    figure: Any = None
+    ranking: list[RankingRow] = field(default_factory=list)
+
+
+@dataclass
+class GroupView:
+    anchor: str
+    task: str
+    model: str
+    model_label: str
+    profile: str
+    profile_kind: str
+    profile_href: str
+    metric: str
+    views: list[PanelView]
+
+
+@dataclass
+class Site:
+    """What :func:`build_site_report` built."""
+
+    index: Path
+    pages: list[Path]
+    notes: list[str]
+    num_rows: int
+    num_panels: int
+
+
+def _ranking_key(row: RankingRow) -> tuple:
+    best = row.best_speedup if _finite(row.best_speedup) else -math.inf
+    area = row.area if _finite(row.area) else -math.inf
+    return (-best, -area, row.measure, row.mode)
+
+
+def _ranking(panel: Panel, root: str, measure_slugs: dict[str, str],
+             colour_index: dict[str, int], only: set[str] | None = None) -> list[RankingRow]:
+    rows = []
+    for s in panel.series:
+        if only is not None and s.measure not in only:
+            continue
+        rows.append(RankingRow(
+            measure=s.measure, href=f"{root}measures/{measure_slugs[s.measure]}.html",
+            mode=s.mode, deployable=s.deployable, best_speedup=s.best_speedup, area=s.area,
+            fastest_quality=s.fastest_quality, fastest_speedup=s.fastest_speedup,
+            points=len(s.rows), colour=colour_class(s.measure, colour_index),
+            is_baseline=s.is_baseline))
+    return sorted(rows, key=_ranking_key)
+
+
+def _group_views(groups: list[PanelGroup], batch_sizes: list[int], default_batch: int,
+                 root: str, measure_slugs: dict[str, str], profile_slugs: dict[str, str],
+                 colour_index: dict[str, int], only: str | None = None) -> list[GroupView]:
+    views = []
+    for group in groups:
+        if only is not None and not any(s.measure == only for p in group.panels.values()
+                                        for s in p.series):
+            continue
+        panel_views = []
+        for batch_size in batch_sizes:
+            panel = group.panels.get(batch_size)
+            view = PanelView(batch_size, batch_size != default_batch, panel)
+            if panel is not None and (only is None or any(s.measure == only
+                                                          for s in panel.series)):
+                keep = None if only is None else {only}
+                view.figure = panel_figure(panel, colour_index, keep)
+                view.ranking = _ranking(panel, root, measure_slugs, colour_index, keep)
+            else:
+                view.panel = None
+            panel_views.append(view)
+        first = next(iter(group.panels.values()))
+        views.append(GroupView(
+            anchor=panel_anchor(group), task=group.task, model=group.model,
+            model_label=group.model_label, profile=group.profile,
+            profile_kind=group.profile_kind,
+            profile_href=f"{root}profiles/{profile_slugs[group.profile]}.html",
+            metric=first.metric, views=panel_views))
+    return views
+
+
+def _match_traces(inputs: RunInputs) -> dict[str, str]:
+    """traces_hash -> path of the trace manifest it names (file or canonical JSON hash)."""
+    found = {}
+    for entry in inputs.trace_manifests:
+        found[entry.sha256] = entry.path
+        if entry.canonical_sha256:
+            found.setdefault(entry.canonical_sha256, entry.path)
+    return found
+
+
+# -- writing -------------------------------------------------------------------------------
+def _check_out_dir(out_dir: Path, inputs: RunInputs) -> None:
+    resolved = out_dir.resolve()
+    sources = [inputs.results_path.resolve()] + ([inputs.run_dir.resolve()]
+                                                 if inputs.run_dir else [])
+    for source in sources:
+        if resolved == source or resolved in source.parents:
+            raise LeaderboardError(f"--out {out_dir}: would replace the run it is built from "
+                                   f"({source}); choose a folder outside it, or a new "
+                                   f"subfolder such as {source.parent / 'site'}")
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise LeaderboardError(f"--out {out_dir}: is a file; give a folder for the site")
+        if any(out_dir.iterdir()) and not (out_dir / SITE_MARKER).is_file():
+            raise LeaderboardError(
+                f"--out {out_dir}: exists, is not empty and is not a site built by exitbench "
+                f"(no {SITE_MARKER}); it is never replaced. Choose a new folder, e.g. "
+                f"{out_dir / 'leaderboard'}")
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / "site")
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class _Writer:
+    def __init__(self, root: Path, env: jinja2.Environment, common: dict[str, Any]):
+        self.root = root
+        self.env = env
+        self.common = common
+        self.pages: list[Path] = []
+
+    def page(self, relative: str, template: str, **context: Any) -> None:
+        depth = relative.count("/")
+        root = "../" * depth
+        html = self.env.get_template(template).render(**self.common, root=root, **context)
+        path = self.root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(html, encoding="utf-8")
+        self.pages.append(Path(relative))
+
+
+def build_site_report(results_dir: str | Path, out_dir: str | Path) -> Site:
+    """Build the site; returns what was built and the notes on what is missing."""
+    inputs = read_run(results_dir)
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, inputs)
+    rows = inputs.rows
+    notes = list(inputs.notes) + consistency_notes(rows)
+    groups = build_panels(rows)
+    batch_sizes = sorted({int(r.batch_size) for r in rows})
+    default_batch = batch_sizes[0]
+    measures = sorted({r.measure for r in rows})
+    profiles = sorted({r.profile for r in rows})
+    measure_slugs = unique_slugs(measures)
+    profile_slugs = unique_slugs(profiles)
+    colour_index = {m: i for i, m in enumerate(m for m in measures if m != BASELINE_MEASURE)}
+    if BASELINE_MEASURE not in measures:
+        notes.append(f"no {BASELINE_MEASURE} rows: the area column has no baseline and shows "
+                     f"n/a")
+    if len(colour_index) > PALETTE_SIZE:
+        notes.append(f"{len(colour_index)} measures share {PALETTE_SIZE} colours; hover a point "
+                     f"or use the legend's links to tell them apart")
+
+    rows_by_measure: dict[str, list] = defaultdict(list)
+    for row in rows:
+        rows_by_measure[row.measure].append(row)
+    measure_infos = {m: describe_measure(m, rows_by_measure[m], inputs.metadata,
+                                         inputs.run_manifest) for m in measures}
+    for name, info in measure_infos.items():
+        if info.problem:
+            notes.append(f"measure {name!r}: {info.problem}")
+        if name not in inputs.validation and inputs.run_dir is not None \
+                and (inputs.run_dir / "validation").is_dir():
+            notes.append(f"measure {name!r}: no validation report in validation/")
+    profile_infos = {p: describe_profile(p, inputs.run_manifest) for p in profiles}
+    for name, info in profile_infos.items():
+        if info.problem:
+            notes.append(f"profile {name!r}: {info.problem}")
+    traces_index = _match_traces(inputs)
+    unmatched = sorted({r.traces_hash for r in rows} - set(traces_index))
+    if inputs.trace_manifests and unmatched:
+        notes.append(f"{len(unmatched)} traces_hash value(s) of the rows match no trace "
+                     f"manifest in traces/ (see the provenance page)")
+
+    models = sorted({(r.model, r.model_label) for r in rows})
+    site_data = {"batch_sizes": batch_sizes, "default_batch_size": default_batch,
+                 "measures": measures, "schema": 1}
+    common = dict(
+        version=__version__, results_name=inputs.results_path.name,
+        has_analysis=bool(inputs.analysis_files), site_data=site_data, batch_sizes=batch_sizes,
+        default_batch=default_batch, models=models,
+        measure_slugs=measure_slugs, profile_slugs=profile_slugs, colour_index=colour_index,
+        colour_class=colour_class, baseline_measure=BASELINE_MEASURE)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        writer = _Writer(tmp, make_environment(), common)
+        shutil.copytree(STATIC_DIR, tmp / "static")
+        (tmp / "data").mkdir()
+        (tmp / "data" / inputs.results_path.name).write_bytes(inputs.results_bytes)
+
+        legend = [(m, f"measures/{measure_slugs[m]}.html", colour_class(m, colour_index))
+                  for m in measures]
+        index_groups = _group_views(groups, batch_sizes, default_batch, "", measure_slugs,
+                                    profile_slugs, colour_index)
+        writer.page("index.html", "index.html", page_title="Fronts and ranking",
+                    groups=index_groups, legend=legend, notes=notes,
+                    num_rows=len(rows), tasks=sorted({r.task for r in rows}),
+                    profiles=profiles, results_path=str(inputs.results_path))
+        measure_cards = []
+        for measure in measures:
+            measure_rows = rows_by_measure[measure]
+            hashes = Counter(r.measure_code_hash for r in measure_rows)
+            measure_cards.append((measure, measure_infos[measure],
+                                  inputs.validation.get(measure), sorted({r.mode for r in
+                                                                          measure_rows})))
+            writer.page(
+                f"measures/{measure_slugs[measure]}.html", "measure.html",
+                page_title=f"Measure {measure}", measure=measure,
+                info=measure_infos[measure], report=inputs.validation.get(measure),
+                validation_dir=bool(inputs.run_dir and (inputs.run_dir / "validation").is_dir()),
+                code_hashes=sorted(hashes.items()),
+                deployable=all(r.deployable for r in measure_rows),
+                modes=sorted({r.mode for r in measure_rows}),
+                colour=colour_class(measure, colour_index),
+                groups=_group_views(groups, batch_sizes, default_batch, "../", measure_slugs,
+                                    profile_slugs, colour_index, only=measure),
+                points=sorted(measure_rows, key=lambda r: (r.task, r.model, r.profile,
+                                                           r.batch_size, r.mode, r.threshold)))
+        writer.page("measures/index.html", "measures.html", page_title="Measures",
+                    cards=measure_cards)
+        for profile in profiles:
+            used = [g for g in groups if g.profile == profile]
+            writer.page(f"profiles/{profile_slugs[profile]}.html", "profile.html",
+                        page_title=f"Hardware profile {profile}", profile=profile,
+                        info=profile_infos[profile],
+                        kinds=sorted({r.profile_kind for r in rows if r.profile == profile}),
+                        used=[(g, panel_anchor(g)) for g in used])
+        writer.page("profiles/index.html", "profiles.html", page_title="Hardware profiles",
+                    infos=[profile_infos[p] for p in profiles])
+        hash_groups = Counter((r.task, r.model, r.measure, r.mode, r.traces_hash,
+                               r.measure_code_hash) for r in rows)
+        writer.page(
+            "provenance.html", "provenance.html", page_title="Provenance",
+            inputs=inputs, run_manifest_json=(json.dumps(inputs.run_manifest, indent=2,
+                                                         sort_keys=True, default=str)
+                                              if inputs.run_manifest is not None else None),
+            metadata_json=json.dumps(inputs.metadata, indent=2, sort_keys=True, default=str),
+            results_sha256=hashlib.sha256(inputs.results_bytes).hexdigest(),
+            hash_groups=sorted(hash_groups.items()), traces_index=traces_index,
+            installed_hashes={m: i.installed_code_hash for m, i in measure_infos.items()},
+            notes=notes)
+        if inputs.analysis_files:
+            analysis_root = inputs.run_dir / "analysis"  # type: ignore[operator]
+            files = []
+            for path in inputs.analysis_files:
+                relative = path.relative_to(analysis_root).as_posix()
+                target = tmp / "analysis" / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+                files.append((relative, "analysis/" + quote(relative),
+                              path.suffix.lower() in (".png", ".svg", ".jpg", ".jpeg")))
+            writer.page("analysis.html", "analysis.html", page_title="Analyses", files=files)
+        (tmp / SITE_MARKER).write_text(json.dumps({
+            "built_by": f"exitbench {__version__}", "results": str(inputs.results_path),
+            "results_sha256": hashlib.sha256(inputs.results_bytes).hexdigest()}, indent=2)
+            + "\n", encoding="utf-8")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Site(index=out_dir / "index.html", pages=[out_dir / p for p in writer.pages],
+                notes=notes, num_rows=len(rows), num_panels=sum(len(g.panels) for g in groups))
+
+
+def build_site(results_dir: str | Path, out_dir: str | Path) -> Path:
+    """Build the leaderboard of the run (or results directory) ``results_dir`` into
+    ``out_dir``; returns the path of ``index.html``."""
+    return build_site_report(results_dir, out_dir).index
+
+
+__all__ = ["Site", "build_site", "build_site_report", "script_json", "linkify"]
