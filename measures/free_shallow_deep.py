@@ -24,6 +24,7 @@ from suite.traces import TraceArrays
 
 class FreeShallowDeep(Measure):
     name = "free_shallow_deep"
+    propagation = "free"
     description = "one shallow exit layer with softmax top-1 confidence, else full depth (FREE)"
     reads = frozenset({"top1_prob"})
     thresholds = DENSE_NEAR_ONE

@@ -45,6 +45,28 @@ class TaskConfig(_Strict):
     max_source_tokens: int | None = Field(default=None, ge=1)
     max_target_tokens: int | None = Field(default=None, ge=1)
     max_new_tokens: int | None = Field(default=None, ge=1)
+    fit_split: str | None = None
+    """Split whose traces fit learned measures (kept apart from ``split``); ``None``: no fitting."""
+    fit_limit: int | None = Field(default=None, ge=1)
+
+
+class MeasureConfig(_Strict):
+    """One measure to replay, with options (a bare name in the YAML means defaults)."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the measure's constructor."""
+    label: str | None = None
+    """Name shown in results; defaults to ``name`` (set it when one measure runs with
+    several option sets)."""
+    min_layer: int = Field(default=0, ge=0)
+    """No exit before this layer (0-based)."""
+    thresholds: list[float] | None = None
+    """Overrides the measure's own sweep."""
+
+    @property
+    def display_name(self) -> str:
+        return self.label or self.name
 
 
 class ModelConfig(_Strict):
@@ -75,7 +97,8 @@ class SuiteConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     tasks: list[TaskConfig] = Field(min_length=1)
     models: list[ModelConfig] = Field(default_factory=list)
-    measures: list[str] = Field(default_factory=list)
+    measures: list[MeasureConfig] = Field(default_factory=list)
+    """Bare names or ``{name, options, label, min_layer, thresholds}`` mappings."""
     profiles: list[str] = Field(default_factory=list)
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32])
     record_batch_size: int = Field(default=8, ge=1)
@@ -85,6 +108,13 @@ class SuiteConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     extra: dict[str, Any] = Field(default_factory=dict)
     """Free-form settings for later stages (training, replay); kept in the manifest."""
+
+    @field_validator("measures", mode="before")
+    @classmethod
+    def _measure_names(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": item} if isinstance(item, str) else item for item in value]
+        return value
 
     @field_validator("batch_sizes")
     @classmethod
@@ -148,7 +178,8 @@ def _model_for(loc: tuple[Any, ...]) -> type[BaseModel]:
     for item in loc[:-1]:
         if isinstance(item, int):
             continue
-        annotation = {"tasks": TaskConfig, "models": ModelConfig, "ray": RayConfig}.get(str(item))
+        annotation = {"tasks": TaskConfig, "models": ModelConfig, "ray": RayConfig,
+                      "measures": MeasureConfig}.get(str(item))
         if annotation is None:
             break
         model = annotation
@@ -168,11 +199,14 @@ def _check_names(config: SuiteConfig, path: str) -> None:
             split_base(task.split)
         except Exception as exc:  # noqa: BLE001
             errors.append(f"{path}: tasks[{i}] ({task.name}).split: {exc}")
-    for key, registry, names in (("measures", MEASURES, config.measures),
+    for key, registry, names in (("measures", MEASURES, [m.name for m in config.measures]),
                                  ("profiles", PROFILES, config.profiles)):
         for i, name in enumerate(names):
             if name not in registry:
                 errors.append(f"{path}: {key}[{i}]: {registry.unknown(name)}")
+    labels = [m.display_name for m in config.measures]
+    for dup in sorted({n for n in labels if labels.count(n) > 1}):
+        errors.append(f"{path}: measures: {dup!r} appears twice; give one a distinct 'label'")
     model_names = [m.name for m in config.models]
     for dup in sorted({n for n in model_names if model_names.count(n) > 1}):
         errors.append(f"{path}: models: the name {dup!r} is used twice; names must be unique")
@@ -192,5 +226,5 @@ def load_config(path: str | Path) -> SuiteConfig:
     return parse_config(data, str(path))
 
 
-__all__ = ["SuiteConfig", "TaskConfig", "ModelConfig", "RayConfig", "load_config",
+__all__ = ["SuiteConfig", "TaskConfig", "ModelConfig", "MeasureConfig", "RayConfig", "load_config",
            "parse_config", "ConfigError", "UnknownNameError"]

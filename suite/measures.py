@@ -99,6 +99,10 @@ class Measure(abc.ABC):
     """False for upper bounds such as the oracle, which look ahead by design."""
     thresholds: ClassVar[tuple[float, ...]] = tuple(np.round(np.linspace(0.0, 1.0, 21), 4))
     """Default threshold sweep (see :meth:`thresholds_for`)."""
+    propagation: ClassVar[str] = "calm"
+    """How skipped layers get their key/value entries, which the cost model prices:
+    ``calm`` (the exited state is propagated: K/V projections of each skipped layer) or
+    ``free`` (FREE's synchronized parallel decoding of the skipped layers later)."""
     fit_reads: ClassVar[frozenset[str]] = frozenset()
     """Trace fields :meth:`fit` reads besides ``reads`` (e.g. labels: ``top1_id``,
     ``final_id``, ``gold_id``); :meth:`scores` may read only ``reads``."""
