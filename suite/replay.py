@@ -40,13 +40,28 @@ def _thresholds_as(thresholds: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return cast
 
 
-def exit_layers(scores: np.ndarray, thresholds: Sequence[float] | np.ndarray,
-                min_layer: int = 0) -> np.ndarray:
-    """Exit layer (0-based) of every token for every threshold: ``[thresholds, tokens]``
-    (int8 when the model has at most 127 layers, else int16).
+@dataclass(frozen=True)
+class Replay:
+    """Exit layers of one measure at every threshold, plus the compact per-token form they
+    come from, which the statistics use without touching the ``[K, T]`` array."""
+
+    exits: np.ndarray
+    """``[K, T]`` exit layer (0-based) per threshold (in the caller's order) and token."""
+    reached: np.ndarray
+    """``[T, L - 1]`` int: how many of the sorted thresholds each token's running-max score
+    reaches by layer ``l`` (non-decreasing in ``l``); exit(k) = first ``l`` with
+    ``reached[l] > k``, else the last layer."""
+    order: np.ndarray
+    """``[K]`` argsort of the thresholds: sorted index ``j`` is threshold ``order[j]``."""
+
+
+def replay(scores: np.ndarray, thresholds: Sequence[float] | np.ndarray,
+           min_layer: int = 0) -> Replay:
+    """Exit layer (0-based) of every token for every threshold.
 
     ``scores`` is ``[tokens, layers]``; NaN counts as "never exit here" (validation rejects
-    measures that produce it). Thresholds may come in any order; rows follow their order.
+    measures that produce it). Thresholds may come in any order; rows of ``exits`` follow
+    their order. ``exits`` is int8 when the model has at most 127 layers, else int16.
     """
     scores = np.asarray(scores)
     if scores.ndim != 2:
@@ -62,8 +77,9 @@ def exit_layers(scores: np.ndarray, thresholds: Sequence[float] | np.ndarray,
     layer_dtype = torch.int8 if num_layers <= 127 else torch.int16
     result = np.empty((num_thresholds, num_tokens), dtype=np.int8 if num_layers <= 127
                       else np.int16)
-    result_view = torch.from_numpy(result)
     checked = num_layers - 1  # the last layer always exits
+    reached_all = np.empty((num_tokens, checked), dtype=np.int32)
+    result_view = torch.from_numpy(result)
     for start in range(0, num_tokens, TOKEN_CHUNK):  # chunks bound memory; no per-token loop
         chunk = torch.from_numpy(np.ascontiguousarray(scores[start:start + TOKEN_CHUNK]))
         chunk = torch.nan_to_num(chunk.to(float_dtype)[:, :checked], nan=-float("inf"))
@@ -71,6 +87,7 @@ def exit_layers(scores: np.ndarray, thresholds: Sequence[float] | np.ndarray,
         # thresholds reached by each layer's score, then by the running max over layers
         reached = torch.cummax(torch.bucketize(chunk, boundaries, right=True), dim=1).values
         width = chunk.shape[0]
+        reached_all[start:start + width] = reached.numpy()
         counts = torch.zeros((width, num_thresholds + 1), dtype=layer_dtype)
         counts.scatter_add_(1, reached, torch.ones_like(reached, dtype=layer_dtype))
         # exit layer for threshold k = number of layers that reach at most k thresholds
@@ -80,7 +97,13 @@ def exit_layers(scores: np.ndarray, thresholds: Sequence[float] | np.ndarray,
         unsorted = np.empty_like(result)
         unsorted[order] = result
         result = unsorted
-    return result
+    return Replay(exits=result, reached=reached_all, order=order)
+
+
+def exit_layers(scores: np.ndarray, thresholds: Sequence[float] | np.ndarray,
+                min_layer: int = 0) -> np.ndarray:
+    """``[thresholds, tokens]`` exit layers; see :func:`replay`."""
+    return replay(scores, thresholds, min_layer).exits
 
 
 def replayed_tokens(traces: TraceArrays, exits: np.ndarray) -> np.ndarray:
@@ -102,16 +125,36 @@ class ExitStatistics:
     """``[K]`` fraction of tokens whose replayed prediction equals the full-depth token."""
 
 
-def exit_statistics(traces: TraceArrays, exits: np.ndarray, tokens: np.ndarray) -> ExitStatistics:
-    num_thresholds, num_tokens = exits.shape
-    num_layers = traces.num_layers
-    flat = (exits.astype(np.int64) + num_layers * np.arange(num_thresholds)[:, None]).ravel()
-    histogram = np.bincount(flat, minlength=num_thresholds * num_layers)
-    histogram = histogram.reshape(num_thresholds, num_layers) / max(num_tokens, 1)
-    return ExitStatistics(
-        mean_layers_used=exits.mean(axis=1, dtype=np.float64) + 1.0,
-        exit_histogram=histogram,
-        token_agreement=(tokens == traces.final_id[None, :]).mean(axis=1, dtype=np.float64))
+def exit_statistics(traces: TraceArrays, result: Replay) -> ExitStatistics:
+    """Exit histogram, mean layers used and token agreement for every threshold, in
+    O(tokens x layers): token ``t`` exits at layer ``l`` for the sorted thresholds
+    ``k`` in ``[reached[l-1], reached[l])``, so each (token, layer) adds a +1/-1 pair to a
+    difference array over thresholds, summed by one cumulative sum."""
+    num_tokens, num_layers = traces.num_tokens, traces.num_layers
+    num_thresholds = len(result.order)
+    width = num_thresholds + 1
+    reached = result.reached.astype(np.int64)
+    lower = np.concatenate([np.zeros((num_tokens, 1), np.int64), reached], axis=1)  # r[l-1]
+    upper = np.concatenate([reached, np.full((num_tokens, 1), num_thresholds)], axis=1)  # r[l]
+    offsets = (np.arange(num_layers) * width)[None, :]
+    agree = (traces.top1_id == traces.final_id[:, None]).astype(np.float64)
+
+    def spans(weights):
+        starts = np.bincount((lower + offsets).ravel(), weights, minlength=num_layers * width)
+        ends = np.bincount((upper + offsets).ravel(), weights, minlength=num_layers * width)
+        per_layer = np.cumsum((starts - ends).reshape(num_layers, width), axis=1)
+        return per_layer[:, :num_thresholds].T  # [K sorted, L]
+
+    counts = spans(None)
+    agreeing = spans(agree.ravel())
+    total = max(num_tokens, 1)
+    histogram = np.empty((num_thresholds, num_layers))
+    histogram[result.order] = counts / total
+    agreement = np.empty(num_thresholds)
+    agreement[result.order] = agreeing.sum(axis=1) / total
+    mean_used = histogram @ (np.arange(num_layers) + 1.0)
+    return ExitStatistics(mean_layers_used=mean_used, exit_histogram=histogram,
+                          token_agreement=agreement)
 
 
 def sequences_by_example(traces: TraceArrays, tokens_row: np.ndarray,

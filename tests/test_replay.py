@@ -7,6 +7,7 @@ from suite.replay import (
     ScoreCache,
     exit_layers,
     exit_statistics,
+    replay,
     replayed_tokens,
     sequences_by_example,
 )
@@ -67,10 +68,15 @@ def make_traces():
 
 def test_replayed_tokens_statistics_and_sequences():
     traces = make_traces()
-    exits = np.array([[2, 2, 2, 2, 2], [0, 1, 0, 0, 0]], dtype=np.int16)
+    # scores that exit everything at the last layer for threshold 2.0 and give
+    # exits [0, 1, 0, 0, 0] for threshold 0.5
+    scores = np.array([[0.9, 0, 0], [0.1, 0.6, 0], [0.7, 0, 0], [0.5, 0, 0], [0.8, 0, 0]])
+    result = replay(scores, [2.0, 0.5])
+    exits = result.exits
+    assert exits.tolist() == [[2, 2, 2, 2, 2], [0, 1, 0, 0, 0]]
     tokens = replayed_tokens(traces, exits)
     assert tokens.tolist() == [[7, 8, 1, 6, 1], [5, 8, 1, 6, 1]]
-    stats = exit_statistics(traces, exits, tokens)
+    stats = exit_statistics(traces, result)
     assert stats.mean_layers_used.tolist() == pytest.approx([3.0, 1.2])
     assert stats.exit_histogram[1].tolist() == pytest.approx([0.8, 0.2, 0.0])
     assert stats.token_agreement.tolist() == pytest.approx([1.0, 0.8])
@@ -101,3 +107,25 @@ def test_float32_scores_at_threshold_boundaries():
     uneven = np.r_[grid[:-1], 0.999]
     assert np.array_equal(exit_layers(scores, uneven),
                           loop_exit_layers(scores.astype(np.float64), uneven, 0))
+
+
+def test_statistics_equal_direct_computation_on_random_traces():
+    rng = np.random.default_rng(7)
+    num_tokens, num_layers = 500, 6
+    top1 = rng.integers(0, 4, (num_tokens, num_layers)).astype(np.int32)
+    zeros = np.zeros(top1.shape, np.float32)
+    traces = TraceArrays(example_id=np.array(["e"] * num_tokens, dtype=object),
+                         position=np.arange(num_tokens, dtype=np.int32), final_id=top1[:, -1].copy(),
+                         gold_id=-np.ones(num_tokens, np.int32), top1_id=top1, top1_prob=zeros,
+                         top2_prob=zeros, cos_prev=zeros, cos_last=zeros)
+    scores = rng.random((num_tokens, num_layers))
+    thresholds = rng.permutation(np.linspace(0, 1.1, 17))
+    result = replay(scores, thresholds, min_layer=1)
+    stats = exit_statistics(traces, result)
+    exits = result.exits.astype(int)
+    tokens = replayed_tokens(traces, exits)
+    for k in range(len(thresholds)):
+        histogram = np.bincount(exits[k], minlength=num_layers) / num_tokens
+        assert np.allclose(stats.exit_histogram[k], histogram)
+        assert stats.mean_layers_used[k] == pytest.approx(exits[k].mean() + 1)
+        assert stats.token_agreement[k] == pytest.approx(np.mean(tokens[k] == traces.final_id))
