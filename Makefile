@@ -17,7 +17,7 @@ setup: $(PY)
 	./scripts/setup.sh --browser-only
 
 quickstart: $(PY)
-	$(VENV)/bin/exitbench quickstart --config configs/quickstart.yaml
+	$(VENV)/bin/exitbench run --config configs/quickstart.yaml
 
 test: $(PY)
 	$(VENV)/bin/ruff check .

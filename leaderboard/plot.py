@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from leaderboard.summary import Panel, Series
+from suite.fronts import Panel, Series
 
 WIDTH, HEIGHT = 640, 380
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 62, 16, 14, 48

@@ -37,7 +37,7 @@ from markupsafe import Markup, escape
 from leaderboard.describe import describe_measure, describe_profile
 from leaderboard.inputs import LeaderboardError, RunInputs, read_run
 from leaderboard.plot import PALETTE_SIZE, colour_class, format_rate, panel_figure
-from leaderboard.summary import (
+from suite.fronts import (
     BASELINE_MEASURE,
     Panel,
     PanelGroup,

@@ -69,6 +69,38 @@ class MeasureConfig(_Strict):
         return self.label or self.name
 
 
+class TokenizerConfig(_Strict):
+    """A SentencePiece tokenizer the suite trains for its own backbones."""
+
+    path: str
+    """Folder to write (skipped when it already holds a tokenizer)."""
+    tasks: list[str] = Field(min_length=1)
+    split: str
+    heldout_split: str
+    """Unseen text on which the unknown-token rate is measured."""
+    vocab_size: int = Field(default=4000, ge=16)
+    max_unk_rate: float = Field(default=0.01, ge=0.0, le=1.0)
+    limit: int | None = Field(default=None, ge=1)
+
+
+class TrainConfig(_Strict):
+    """Train the backbone here when its folder does not hold a finished model."""
+
+    objective: Literal["vanilla", "calm", "free"] = "calm"
+    preset: str = "tiny"
+    tasks: list[str] = Field(min_length=1)
+    split: str
+    eval_split: str | None = None
+    limit: int | None = Field(default=None, ge=1)
+    steps: int = Field(default=600, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    learning_rate: float = Field(default=3e-3, gt=0)
+    max_source_tokens: int | None = Field(default=None, ge=2)
+    max_target_tokens: int | None = Field(default=None, ge=2)
+    shallow_layer: int | None = Field(default=None, ge=1)
+    seed: int = 0
+
+
 class ModelConfig(_Strict):
     """One backbone: a hub id or a local folder written by ``save_pretrained``."""
 
@@ -77,12 +109,22 @@ class ModelConfig(_Strict):
     """Hub id (``google-t5/t5-small``) or local folder."""
     label: str | None = None
     """Shown on the leaderboard next to the numbers, e.g. 'tiny T5 trained here on the SQuAD sample'."""
+    train: TrainConfig | None = None
+    """When set and ``path`` holds no finished model, the suite trains it there first
+    (with the suite config's ``tokenizer``)."""
 
 
 class RayConfig(_Strict):
     address: str | None = None
     """``None`` starts Ray in-process on 127.0.0.1; ``auto`` or ``HOST:PORT`` joins a cluster."""
     num_cpus: int | None = Field(default=None, ge=1)
+    """CPUs of the in-process Ray instance (default: all)."""
+    record_workers: int = Field(default=1, ge=1)
+    """Recording actors; each loads the model once and records many shards."""
+    cpus_per_worker: int = Field(default=1, ge=1)
+    """CPUs (torch threads) per worker when the device is the CPU."""
+    max_retries: int = Field(default=2, ge=0)
+    """Retries of a failing shard before the run stops and names it."""
 
 
 class SuiteConfig(_Strict):
@@ -106,6 +148,10 @@ class SuiteConfig(_Strict):
     shard_size: int = Field(default=64, ge=1)
     """Examples per trace shard."""
     ray: RayConfig = Field(default_factory=RayConfig)
+    tokenizer: TokenizerConfig | None = None
+    """Tokenizer for the backbones the suite trains (``models[].train``)."""
+    leaderboard: bool = True
+    """Build the static site into ``<output_dir>/site`` at the end of ``exitbench run``."""
     extra: dict[str, Any] = Field(default_factory=dict)
     """Free-form settings for later stages (training, replay); kept in the manifest."""
 
@@ -179,7 +225,8 @@ def _model_for(loc: tuple[Any, ...]) -> type[BaseModel]:
         if isinstance(item, int):
             continue
         annotation = {"tasks": TaskConfig, "models": ModelConfig, "ray": RayConfig,
-                      "measures": MeasureConfig}.get(str(item))
+                      "measures": MeasureConfig, "tokenizer": TokenizerConfig,
+                      "train": TrainConfig}.get(str(item))
         if annotation is None:
             break
         model = annotation
@@ -210,6 +257,10 @@ def _check_names(config: SuiteConfig, path: str) -> None:
     model_names = [m.name for m in config.models]
     for dup in sorted({n for n in model_names if model_names.count(n) > 1}):
         errors.append(f"{path}: models: the name {dup!r} is used twice; names must be unique")
+    for i, model in enumerate(config.models):
+        if model.train is not None and config.tokenizer is None:
+            errors.append(f"{path}: models[{i}] ({model.name}).train: training a backbone needs "
+                          f"a top-level 'tokenizer' section")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 

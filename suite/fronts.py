@@ -1,4 +1,4 @@
-"""From result rows to what the site shows: panels, series, fronts and summary scores.
+"""Pareto fronts and summary scores of result rows, grouped as readers compare them.
 
 A *panel* is one (task, model, hardware profile, batch size): the points of every measure
 there, its full-depth point, and per (measure, mode) a *series* with its Pareto front
@@ -176,3 +176,26 @@ def consistency_notes(rows: list[ResultRow]) -> list[str]:
             notes.append(f"{key[0]} / {key[1]} / {key[2]} / batch {key[3]}: replay rows disagree "
                          f"on full-depth tokens/s; the median is shown")
     return notes
+
+
+def fronts_summary(rows: list[ResultRow]) -> list[dict]:
+    """JSON-ready fronts: per (task, model, profile, batch size) and per (measure, mode), the
+    Pareto-optimal points and the summary scores; what ``fronts.json`` holds."""
+    out = []
+    for group in build_panels(rows):
+        for batch_size, panel in sorted(group.panels.items()):
+            for series in panel.series:
+                out.append({
+                    "task": panel.task, "model": panel.model, "profile": panel.profile,
+                    "batch_size": batch_size, "measure": series.measure, "mode": series.mode,
+                    "deployable": series.deployable, "metric": panel.metric,
+                    "full_depth_quality": panel.full_depth_quality,
+                    "full_depth_tokens_per_s": panel.full_depth_tokens_per_s,
+                    "best_speedup_within_1pct": series.best_speedup,
+                    "area_over_static_layer": series.area,
+                    "quality_at_fastest": series.fastest_quality,
+                    "speedup_at_fastest": series.fastest_speedup,
+                    "front": [{"threshold": r.threshold, "tokens_per_s": r.tokens_per_s,
+                               "speedup": r.speedup, "quality": r.quality}
+                              for r in series.front_rows()]})
+    return out
