@@ -37,6 +37,7 @@ from markupsafe import Markup, escape
 from leaderboard.describe import describe_measure, describe_profile
 from leaderboard.inputs import LeaderboardError, RunInputs, read_run
 from leaderboard.plot import PALETTE_SIZE, colour_class, format_rate, panel_figure
+from suite import __version__
 from suite.fronts import (
     BASELINE_MEASURE,
     Panel,
@@ -44,7 +45,6 @@ from suite.fronts import (
     build_panels,
     consistency_notes,
 )
-from suite import __version__
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 TEMPLATES_DIR = PACKAGE_DIR / "templates"

@@ -1,20 +1,67 @@
 """Model adapters: the suite's view of a backbone.
 
-The helpers here are the single place where an exit head is defined, so that
-training objectives, traced decoding and online decoding compute a layer's
-prediction the same way the checkpoint computes its last layer.
+The helpers :func:`scales_decoder_outputs` and :func:`t5_exit_logits` are the single
+place where an exit head is defined, so that training objectives, traced decoding and
+online decoding compute a layer's prediction the same way the checkpoint computes its
+last layer.
+
+A :class:`DecoderAdapter` runs the decoder **one layer at a time** with a KV cache, so
+that traced decoding can observe every layer and an online early-exit decoder can stop
+after any layer (and fill the skipped layers' KV itself). One decoding step is::
+
+    state = adapter.start(input_ids, attention_mask)      # encoder pass (or prompt prefill)
+    hidden = adapter.begin_step(state, state.first_input_ids)   # [B, 1, d_model] embeddings
+    for layer in range(adapter.num_layers):
+        hidden = adapter.run_layer(state, layer, hidden)  # appends this layer's K/V
+    logits = adapter.exit_logits(layer, hidden)           # norm + scaling + LM head
+
+``begin_step`` accepts ``[B, T]`` tokens too: with ``use_cache=False`` that is one
+parallel teacher-forced pass, the same code path as decoding. A decoder-only adapter
+(Llama-style) fits the same protocol: ``start`` prefills all but the last prompt token
+and ``first_input_ids`` is that last token.
+
+:class:`T5Adapter` implements it for Hugging Face T5-family checkpoints (t5, t5-v1_1,
+flan-t5, mt5) by calling the checkpoint's own ``T5Block`` modules with the masks built
+by the same ``transformers`` functions ``T5Stack.forward`` uses, so exiting at the last
+layer reproduces the checkpoint's logits and greedy output.
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
 import torch
 
+from suite.errors import ExitbenchError
+from suite.measures import ModelDims
 
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                  "float16": torch.float16}
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+"""Weight files PyTorch loading reads (the hash covers them; TF/Flax files are not loaded)."""
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+                   "vocab.txt", "merges.txt", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json")
+SUPPORTED_MODEL_TYPES = ("t5", "mt5")
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]
+"""Files fetched for a hub id: configs, safetensors weights, SentencePiece and vocab files."""
+
+
+# -- the exit head (shared with training) ---------------------------------------------------
 def scales_decoder_outputs(config) -> bool:
     """Whether the checkpoint multiplies the normed decoder output by ``d_model ** -0.5``
-    before the LM head (T5 with tied embeddings does; t5-v1_1 / flan-t5 do not)."""
+    before the LM head (T5 with tied embeddings does; t5-v1_1 / flan-t5 do not).
+
+    transformers 5.x stores the switch as ``config.scale_decoder_outputs`` for T5 (it
+    forces ``tie_word_embeddings=True`` and keeps the serialised value only as this flag);
+    its mT5 never scales; older versions read ``tie_word_embeddings`` directly."""
     if hasattr(config, "scale_decoder_outputs"):
         return bool(config.scale_decoder_outputs)
+    if getattr(config, "model_type", None) == "mt5":
+        return False
     return bool(getattr(config, "tie_word_embeddings", True))
 
 
@@ -27,3 +74,329 @@ def t5_exit_logits(model, hidden: torch.Tensor, *, already_normed: bool = False)
     if scales_decoder_outputs(model.config):
         normed = normed * (model.config.d_model ** -0.5)
     return model.lm_head(normed)
+
+
+# -- the adapter protocol ---------------------------------------------------------------------
+@dataclass
+class DecodeState:
+    """What a decode keeps between calls. Adapters subclass it with their own fields."""
+
+    first_input_ids: torch.Tensor
+    """``[B, 1]`` the first decoder input of every row (T5: the decoder start token)."""
+    cache: Any | None
+    """The KV cache (``None`` for a single parallel pass)."""
+
+
+@runtime_checkable
+class DecoderAdapter(Protocol):
+    """A backbone decoded one layer at a time. Hidden states passed in and out are the
+    un-normed residual stream (the output of a decoder layer, before any final norm)."""
+
+    model_id: str
+    num_layers: int
+    """Decoder layers; exit heads exist after each, 0-based."""
+    dims: ModelDims
+    device: torch.device
+    dtype: torch.dtype
+    eos_token_id: int
+    pad_token_id: int
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+              use_cache: bool = True) -> DecodeState:
+        """Encode (or prefill) a right-padded batch ``[B, S]`` once; return the state."""
+        ...
+
+    def begin_step(self, state: DecodeState, input_ids: torch.Tensor) -> torch.Tensor:
+        """Start a step for decoder inputs ``[B, T]``; return their embeddings ``[B, T, d]``
+        (the input of layer 0)."""
+        ...
+
+    def run_layer(self, state: DecodeState, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Run decoder layer ``layer`` on ``hidden`` (appending its K/V to the cache)."""
+        ...
+
+    def exit_logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits ``[..., vocab]`` of an un-normed hidden state ``[..., d]`` of ``layer``:
+        the checkpoint's own final norm, scaling and LM head."""
+        ...
+
+
+# -- T5 ---------------------------------------------------------------------------------------
+@dataclass
+class T5DecodeState(DecodeState):
+    """T5's decode state: encoder output, masks and the relative position biases of the
+    current step (computed by block 0 and shared by the later blocks, as ``T5Stack`` does)."""
+
+    encoder_hidden: torch.Tensor = None  # type: ignore[assignment]
+    encoder_attention_mask: torch.Tensor = None  # type: ignore[assignment]
+    self_mask: Any = None
+    cross_mask: Any = None
+    position_bias: torch.Tensor | None = None
+    cross_position_bias: torch.Tensor | None = None
+    _cross_masks: dict[int, Any] = field(default_factory=dict)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ExitbenchError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ExitbenchError(f"device {str(device)!r} was asked for but torch sees no CUDA GPU "
+                             f"(torch {torch.__version__}); set device: cpu in the config")
+    return device
+
+
+class T5Adapter:
+    """A T5-family ``*ForConditionalGeneration`` model decoded layer by layer.
+
+    Dtype and device live here: the model is moved once on construction (float32 by
+    default; ``bfloat16`` halves memory and is what GPUs run). Call the decoding methods
+    under ``torch.inference_mode()``; the adapter does not switch grad mode itself."""
+
+    def __init__(self, model, *, model_id: str = "", device: str | torch.device = "cpu",
+                 dtype: str | torch.dtype = "float32"):
+        config = model.config
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ExitbenchError(
+                f"model {model_id or type(model).__name__}: model_type {model_type!r} is not "
+                f"supported by the T5 adapter (supported: {', '.join(SUPPORTED_MODEL_TYPES)}); "
+                f"umT5 has a relative bias in every layer and decoder-only models need their "
+                f"own adapter")
+        blocks = list(model.decoder.block)
+        if any(block.layer[0].SelfAttention.has_relative_attention_bias for block in blocks[1:]):
+            raise ExitbenchError(f"model {model_id}: decoder layers after the first have their "
+                                 f"own relative attention bias; the T5 adapter shares block "
+                                 f"0's bias as T5 does, so it cannot run this model")
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        # ``_keep_in_fp32_modules`` (the FFN's ``wo``) is honoured by from_pretrained; a
+        # plain .to(dtype) would cast it too, so only cast when the dtype differs.
+        if next(model.parameters()).dtype != self.dtype:
+            model = model.to(dtype=self.dtype)
+        self.model = model.to(self.device).eval()
+        self.model_id = model_id or getattr(config, "name_or_path", "") or "t5"
+        self.blocks = blocks
+        self.decoder_config = model.decoder.config
+        self.num_layers = len(blocks)
+        self.dims = ModelDims(num_layers=self.num_layers, d_model=config.d_model,
+                              d_ff=config.d_ff, num_heads=config.num_heads, d_kv=config.d_kv,
+                              vocab_size=config.vocab_size)
+        self.pad_token_id = int(config.pad_token_id if config.pad_token_id is not None else 0)
+        eos = config.eos_token_id
+        self.eos_token_id = int(eos[0] if isinstance(eos, (list, tuple)) else eos)
+        # T5 starts decoding from the pad token; configs written by transformers 5 may lack
+        # the attribute, generation_config usually has it.
+        start = getattr(model.generation_config, "decoder_start_token_id", None)
+        if start is None:
+            start = getattr(config, "decoder_start_token_id", None)
+        self.decoder_start_token_id = int(start if start is not None else self.pad_token_id)
+        self.scales_outputs = scales_decoder_outputs(config)
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str, *, device: str | torch.device = "cpu",
+             dtype: str | torch.dtype = "float32") -> T5Adapter:
+        """Load a checkpoint from a local folder or a hub id (cached copy when offline)."""
+        from transformers import AutoConfig, AutoModelForSeq2SeqLM
+        from transformers.utils import logging as hf_logging
+
+        folder = resolve_model_folder(path)
+        torch_dtype = resolve_dtype(dtype)
+        device = resolve_device(device)
+        try:
+            config = AutoConfig.from_pretrained(folder)
+        except (OSError, ValueError) as exc:
+            raise ExitbenchError(f"model {path!r}: {folder} has no readable config.json "
+                                 f"({exc}); point the config at a folder written by "
+                                 f"save_pretrained") from exc
+        if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+            raise ExitbenchError(f"model {path!r}: model_type {config.model_type!r} is not a "
+                                 f"T5-family encoder-decoder ({', '.join(SUPPORTED_MODEL_TYPES)})")
+        # Our own progress bars say what is happening; HF's per-file bars only add noise.
+        hf_logging.disable_progress_bar()
+        model = AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=torch_dtype)
+        return cls(model, model_id=path, device=device, dtype=torch_dtype)
+
+    # -- the protocol ----------------------------------------------------------------------
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+              use_cache: bool = True) -> T5DecodeState:
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(self.device)
+        encoder_hidden = self.model.encoder(input_ids=input_ids,
+                                            attention_mask=attention_mask).last_hidden_state
+        cache = None
+        if use_cache:
+            # The decoder's own config: its num_layers is num_decoder_layers. (HF generate
+            # builds the cache from the top-level config, i.e. the encoder depth, and so
+            # fails on models with more decoder than encoder layers.)
+            cache = EncoderDecoderCache(DynamicCache(config=self.decoder_config),
+                                        DynamicCache(config=self.decoder_config))
+        first = torch.full((input_ids.shape[0], 1), self.decoder_start_token_id,
+                           dtype=torch.long, device=self.device)
+        return T5DecodeState(first_input_ids=first, cache=cache, encoder_hidden=encoder_hidden,
+                             encoder_attention_mask=attention_mask)
+
+    def begin_step(self, state: T5DecodeState, input_ids: torch.Tensor) -> torch.Tensor:
+        from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+        embeds = self.model.decoder.embed_tokens(input_ids.to(self.device))
+        self_cache = state.cache.self_attention_cache if state.cache is not None else None
+        # Built before any layer updates the cache, exactly as T5Stack.forward does: the
+        # mask's key length is the cached length plus this step's tokens. No decoder
+        # padding mask: rows are right-padded, so causality already hides the padding.
+        state.self_mask = create_causal_mask(config=self.decoder_config, inputs_embeds=embeds,
+                                             attention_mask=None, cache=self_cache)
+        query_length = embeds.shape[1]
+        if query_length not in state._cross_masks:  # the same for every step of a decode
+            state._cross_masks[query_length] = create_bidirectional_mask(
+                config=self.decoder_config, inputs_embeds=embeds,
+                attention_mask=state.encoder_attention_mask,
+                encoder_hidden_states=state.encoder_hidden)
+        state.cross_mask = state._cross_masks[query_length]
+        state.position_bias = None  # recomputed by block 0 for this step's positions
+        state.cross_position_bias = None
+        return embeds
+
+    def run_layer(self, state: T5DecodeState, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        hidden, self_bias, cross_bias = self.blocks[layer](
+            hidden, state.self_mask, state.position_bias, state.encoder_hidden,
+            state.cross_mask, state.cross_position_bias, cache=state.cache)
+        if state.position_bias is None:  # only block 0 has the relative attention bias
+            state.position_bias = self_bias
+            state.cross_position_bias = cross_bias
+        return hidden
+
+    def exit_logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        # One shared head for every layer, so ``layer`` is unused here; adapters of models
+        # with per-layer heads would use it.
+        return t5_exit_logits(self.model, hidden)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Decoder input embeddings (what layer 0 reads; T5 does not scale them)."""
+        return self.model.decoder.embed_tokens(input_ids.to(self.device))
+
+
+T5_SMALL_ARCHITECTURE: dict[str, Any] = {
+    "vocab_size": 32128, "d_model": 512, "d_ff": 2048, "num_layers": 6,
+    "num_decoder_layers": 6, "num_heads": 8, "d_kv": 64, "feed_forward_proj": "relu",
+    "tie_word_embeddings": True, "decoder_start_token_id": 0}
+"""google-t5/t5-small's architecture (its config.json), for tests and benchmarks offline."""
+
+
+def random_t5(seed: int = 0, residual_gain: float = 4.0, **config_overrides: Any):
+    """A randomly initialised ``T5ForConditionalGeneration`` (t5-small's architecture unless
+    overridden), in eval mode. Labelled by what it is: random weights, for tests and
+    benchmarks only.
+
+    ``residual_gain`` multiplies every attention output projection (``o``) and FFN output
+    (``wo``): with HF's default init the input embedding (std 1) dominates the residual
+    stream and every layer of a random t5-small predicts its own input token, so greedy
+    decoding emits the start token forever and exactness tests would compare constants."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(T5Config(**{**T5_SMALL_ARCHITECTURE, **config_overrides}))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith((".o.weight", ".wo.weight")):
+                parameter.mul_(residual_gain)
+    return model.eval()
+
+
+def load_adapter(path: str, *, device: str | torch.device = "cpu",
+                 dtype: str | torch.dtype = "float32") -> DecoderAdapter:
+    """The adapter for the checkpoint at ``path`` (a local folder or a hub id)."""
+    return T5Adapter.load(path, device=device, dtype=dtype)
+
+
+# -- files and provenance ----------------------------------------------------------------------
+def resolve_model_folder(path: str) -> Path:
+    """A local folder for ``path``: the folder itself, or the hub's cached snapshot of a hub
+    id (downloaded when online; with ``HF_HUB_OFFLINE=1`` only the cache is used)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local.resolve()
+    if local.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise ExitbenchError(f"model {path!r}: no such folder; give a folder written by "
+                             f"save_pretrained or a hub id such as google-t5/t5-small")
+    try:
+        from huggingface_hub import snapshot_download
+
+        # Only what PyTorch loading needs: hub repos of T5 also carry TF, Flax and ONNX
+        # weights several times the size of the PyTorch ones.
+        folder = Path(snapshot_download(path, allow_patterns=HUB_FILES))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(path, allow_patterns=[*HUB_FILES, "pytorch_model*.bin"]))
+        return folder
+    except Exception as exc:  # noqa: BLE001 - re-raised naming the model and the fix
+        raise ExitbenchError(f"model {path!r} is not a local folder and could not be fetched "
+                             f"from the hub cache ({type(exc).__name__}: {exc}); offline, "
+                             f"point the config at a local folder written by save_pretrained"
+                             ) from exc
+
+
+def _hash_files(files: list[Path], root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(str(path.relative_to(root)).encode("utf-8") + b"\0")
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(folder: str | Path) -> str:
+    """SHA-256 over the weight files of a checkpoint folder (names and contents)."""
+    folder = Path(folder)
+    # Top level only, as from_pretrained reads it (checkpoint subfolders are not the model).
+    files = [p for p in folder.glob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
+             and p.name != "training_args.bin"]
+    if not files:
+        raise ExitbenchError(f"{folder} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}); "
+                             f"is it a folder written by save_pretrained?")
+    return _hash_files(files, folder)
+
+
+def tokenizer_sha256(folder: str | Path) -> str:
+    """The identity of the tokenizer saved in a checkpoint folder: the SHA-256 of its
+    ``spiece.model`` (the same value :mod:`suite.tokenizer` records when it trains one),
+    else a SHA-256 over the tokenizer files present."""
+    from suite.tokenizer import SPIECE_FILE, spiece_sha256
+
+    folder = Path(folder)
+    if (folder / SPIECE_FILE).is_file():
+        return spiece_sha256(folder)
+    files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    if not files:
+        raise ExitbenchError(f"{folder} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                             f"save the tokenizer next to the weights with save_pretrained")
+    return _hash_files(files, folder)
+
+
+def load_tokenizer(path: str):
+    """The tokenizer saved with a checkpoint (local folder or hub id). SentencePiece (T5)
+    folders load through :func:`suite.tokenizer.load_tokenizer`, which checks T5's special
+    ids and a round trip against SentencePiece; others through ``AutoTokenizer``."""
+    from transformers import AutoTokenizer
+
+    from suite.tokenizer import SPIECE_FILE
+    from suite.tokenizer import load_tokenizer as load_sentencepiece_tokenizer
+
+    folder = resolve_model_folder(path)
+    tokenizer_sha256(folder)  # fails early, naming the files looked for
+    if (folder / SPIECE_FILE).is_file():
+        return load_sentencepiece_tokenizer(folder)
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ExitbenchError(f"model {path!r}: the tokenizer in {folder} cannot be loaded "
+                             f"({exc}); save it again with tokenizer.save_pretrained") from exc
