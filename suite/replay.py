@@ -17,14 +17,13 @@ and no Python loop per token or per threshold.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from suite.traces import TraceArrays
+from suite.traces import TraceArrays, hash_strings
 
 TOKEN_CHUNK = 1 << 18
 """Tokens per chunk, which bounds the [tokens, thresholds] scratch array (~26 MB at 100 thresholds)."""
@@ -174,11 +173,8 @@ def sequences_by_example(traces: TraceArrays, tokens_row: np.ndarray,
 
 
 def outputs_hash(outputs: Sequence[str]) -> str:
-    digest = hashlib.sha256()
-    for text in outputs:
-        digest.update(text.encode("utf-8"))
-        digest.update(b"\0")
-    return digest.hexdigest()
+    """SHA-256 of a list of outputs (the score cache's key)."""
+    return hash_strings(list(outputs))
 
 
 class ScoreCache:

@@ -256,7 +256,9 @@ def run_record_stage(config: SuiteConfig, *, progress: bool = True,
 
 # -- the replay stage -------------------------------------------------------------------------------
 def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+    from suite.traces import sha256_file
+
+    return sha256_file(path) if path.is_file() else ""
 
 
 def part_key(config: SuiteConfig, task: TaskConfig, model: ModelConfig,
