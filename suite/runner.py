@@ -577,30 +577,31 @@ def write_run_manifest(config: SuiteConfig, config_path: str | None,
     return path
 
 
-def run_suite(config: SuiteConfig, config_path: str | None = None, *, progress: bool = True,
-              build_leaderboard: bool | None = None) -> RunSummary:
-    """Run every stage of ``config`` (resuming what is done) and return the summary."""
-    import ray
-
+def replay_suite(config: SuiteConfig, config_path: str | None = None, *,
+                 progress: bool = True, use_ray: bool = True,
+                 build_leaderboard: bool | None = None,
+                 summary: RunSummary | None = None) -> RunSummary:
+    """Validate, fit, replay and publish over traces already recorded (``exitbench replay``;
+    also the second half of :func:`run_suite`)."""
     from suite.fronts import fronts_summary
     from suite.results import write_results
 
     output = Path(config.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    summary = RunSummary(output_dir=output, stages=[])
-    summary.stages.append(ensure_backbones(config, progress=progress))
-    started_ray = init_ray(config.ray.address, config.ray.num_cpus)
-    try:
-        summary.stages.append(run_record_stage(config, progress=progress, summary=summary))
-        if config.measures:
-            validated, config = run_validate_stage(config)
-            summary.stages.append(validated)
-        if config.measures:
-            summary.stages.append(run_replay_stage(config, progress=progress))
-    finally:
-        if started_ray:
-            ray.shutdown()
+    summary = summary or RunSummary(output_dir=output, stages=[])
+    all_measures = config
     if config.measures:
+        validated, config = run_validate_stage(config)
+        summary.stages.append(validated)
+    if config.measures:
+        started_ray = init_ray(config.ray.address, config.ray.num_cpus) if use_ray else False
+        try:
+            summary.stages.append(run_replay_stage(config, progress=progress, use_ray=use_ray))
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+    if all_measures.measures:
         results_started = time.perf_counter()
         rows = collect_results(config)
         results_dir = output / "results"
@@ -609,8 +610,8 @@ def run_suite(config: SuiteConfig, config_path: str | None = None, *, progress: 
         summary.stages.append(StageReport("results", done=len(rows),
                                           seconds=time.perf_counter() - results_started))
     write_run_manifest(config, config_path, summary)
-    if config.measures and (config.leaderboard if build_leaderboard is None
-                            else build_leaderboard):
+    if rows_exist(output) and (config.leaderboard if build_leaderboard is None
+                               else build_leaderboard):
         from leaderboard import build_site
 
         site_started = time.perf_counter()
@@ -618,3 +619,26 @@ def run_suite(config: SuiteConfig, config_path: str | None = None, *, progress: 
         summary.stages.append(StageReport("leaderboard", done=1,
                                           seconds=time.perf_counter() - site_started))
     return summary
+
+
+def rows_exist(output: Path) -> bool:
+    return (output / "results" / "results.json").is_file()
+
+
+def run_suite(config: SuiteConfig, config_path: str | None = None, *, progress: bool = True,
+              build_leaderboard: bool | None = None) -> RunSummary:
+    """Run every stage of ``config`` (resuming what is done) and return the summary."""
+    import ray
+
+    output = Path(config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    summary = RunSummary(output_dir=output, stages=[])
+    summary.stages.append(ensure_backbones(config, progress=progress))
+    started_ray = init_ray(config.ray.address, config.ray.num_cpus)
+    try:
+        summary.stages.append(run_record_stage(config, progress=progress, summary=summary))
+        return replay_suite(config, config_path, progress=progress,
+                            build_leaderboard=build_leaderboard, summary=summary)
+    finally:
+        if started_ray:
+            ray.shutdown()
