@@ -1,0 +1,99 @@
+"""``exitbench train``: train a small T5 backbone with an early-exit objective."""
+
+from __future__ import annotations
+
+import argparse
+
+from suite.training import OBJECTIVES, PRESETS, TrainSettings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    defaults = TrainSettings()
+    parser = subparsers.add_parser(
+        "train", help="train a small T5 (vanilla, CALM or FREE objective) on task data",
+        description="Train a small T5 backbone from scratch on task examples with a "
+                    "tokenizer from `exitbench train-tokenizer`. Checkpoints go to "
+                    "<out>.checkpoints/ every --checkpoint-every steps; rerunning the same "
+                    "command resumes from the newest one. The finished folder holds the "
+                    "model (save_pretrained), the tokenizer and exitbench_model.json.")
+    parser.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective,
+                        help=f"training loss (default {defaults.objective})")
+    parser.add_argument("--preset", choices=list(PRESETS), default=defaults.preset,
+                        help="model size: " + "; ".join(f"{p.name}: d_model {p.d_model}, "
+                                                       f"{p.num_layers}+{p.num_layers} layers"
+                                                       for p in PRESETS.values()))
+    parser.add_argument("--tokenizer", required=True,
+                        help="tokenizer folder written by `exitbench train-tokenizer`")
+    parser.add_argument("--task", action="append", dest="tasks", required=True,
+                        help="task to train on (repeat for several)")
+    parser.add_argument("--split", default=defaults.split,
+                        help="training split, hub slice syntax allowed (e.g. 'validation[200:]')")
+    parser.add_argument("--eval-split", default=None,
+                        help="split to report per-layer held-out loss on at the end "
+                             "(e.g. 'validation[:200]')")
+    parser.add_argument("--out", required=True, help="model folder to write")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder of JSON Lines in the hub layout (default: $EXITBENCH_DATA_DIR, "
+                             "else the hub)")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
+    parser.add_argument("--max-source-tokens", type=int, default=None,
+                        help="truncate inputs to this many tokens (default: the task's limit; "
+                             "256 halves SQuAD's cost on a CPU)")
+    parser.add_argument("--max-target-tokens", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.learning_rate, dest="learning_rate")
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--dropout", type=float, default=None, dest="dropout_rate",
+                        help="dropout rate (default: the preset's)")
+    parser.add_argument("--shallow-layer", type=int, default=None,
+                        help="FREE's shallow exit layer, 1-based (default: round(L/3))")
+    parser.add_argument("--kd-weight", type=float, default=defaults.kd_weight,
+                        help="FREE's weight of the layer-wise distillation loss (default 0.5)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--checkpoint-every", type=int, default=100,
+                        help="save a resumable checkpoint every N steps (default 100)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from suite.errors import ExitbenchError
+    from suite.training import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.checkpoint_every < 1:
+        raise ExitbenchError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
+    settings = TrainSettings(
+        objective=args.objective, preset=args.preset, tasks=tuple(args.tasks), split=args.split,
+        limit=args.limit, max_source_tokens=args.max_source_tokens,
+        max_target_tokens=args.max_target_tokens, shallow_layer=args.shallow_layer,
+        kd_weight=args.kd_weight, steps=args.steps, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, dropout_rate=args.dropout_rate, seed=args.seed)
+    result = train(settings, args.tokenizer, args.out, data_dir=args.data_dir,
+                   eval_split=args.eval_split, checkpoint_every=args.checkpoint_every,
+                   progress=not args.no_progress)
+    meta = result.metadata
+    if result.already_done:
+        print(f"model {result.folder} is already trained with these settings; nothing to do")
+    else:
+        resumed = f", resumed from step {result.resumed_from}" if result.resumed_from else ""
+        print(f"model {result.folder}: {result.steps} steps in {result.seconds:.0f} s{resumed}")
+    print(f"  {meta['label']}")
+    curve = result.loss_curve
+    if curve:
+        shown = curve[:: max(1, len(curve) // 8)]
+        if shown[-1] != curve[-1]:
+            shown = [*shown, curve[-1]]
+        print("  loss   " + "  ".join(f"{step}:{loss:.3f}" for step, loss in shown))
+    if result.eval_layer_ce:
+        print(f"  held-out CE per layer ({meta['eval']['split']}): "
+              + " ".join(f"{v:.3f}" for v in result.eval_layer_ce))
+    return 0

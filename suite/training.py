@@ -1,0 +1,736 @@
+"""Small T5 backbones trained here, with early-exit objectives.
+
+Three objectives, each a pure function of (model, batch) -> :class:`LossParts`
+(:func:`objective_loss`), so tests can compare them with a hand computation:
+
+- ``vanilla``: cross-entropy of the last layer; equals Hugging Face's own loss with
+  ``labels``.
+- ``calm`` (Schuster et al. 2022): ``L = sum_i w_i CE_i`` over all ``L`` decoder
+  layers, ``w_i = i / sum_j j`` (``i = 1..L``), each ``CE_i`` computed on
+  :func:`suite.models.t5_exit_logits` of layer ``i``'s hidden state: the shared LM
+  head after the final norm and T5's ``d_model ** -0.5`` scaling.
+- ``free`` (Bae et al. 2023, as in their released code ``util/losses.py``):
+  ``L = (k CE_k + L CE_L) / (k + L) + alpha * KD`` with the shallow exit ``k``
+  (default ``round(L / 3)``) and ``alpha = kd_weight`` (default 0.5, FREE's
+  ``distill_layer_alpha``). ``KD = mean_{i=1..k} MSE(norm(h_i), sg(norm(h_m(i))))``
+  with the uniform mapping ``m(i) = round(i L / k)`` (so ``m(k) = L``), ``norm`` the
+  decoder's final norm (FREE distils normed states), ``sg`` a stop-gradient (FREE
+  detaches the teacher side), and the mean taken over elements at target positions
+  (FREE averages over every position, padding included; we leave padding out).
+
+Which hidden states: HF's ``decoder_hidden_states`` has ``L + 1`` entries (``[0]`` is
+the embedding output); entries ``1..L-1`` are raw block outputs, the last is already
+final-normed (verified against transformers 5.24: ``hs[-1]`` equals
+``final_layer_norm(last block output)`` and gives ``outputs.logits``), so the last
+layer's logits are HF's own ``outputs.logits``.
+
+:func:`train` runs AdamW over a deterministic, length-bucketed batch order, writes a
+checkpoint (``save_pretrained`` + optimizer, scheduler, step and RNG state) every N
+steps into ``<out>.checkpoints/``, resumes from the newest one when rerun with the
+same settings (different settings are an error that names them), and finally
+renames a complete model folder into ``<out>``: the model, the tokenizer files and
+``exitbench_model.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from suite.atomic import atomic_write_json
+from suite.errors import ExitbenchError
+from suite.models import t5_exit_logits
+
+OBJECTIVES = ("vanilla", "calm", "free")
+MODEL_METADATA_FILE = "exitbench_model.json"
+RUN_FILE = "exitbench_train.json"
+TRAINER_STATE_FILE = "trainer_state.pt"
+IGNORE_INDEX = -100
+MODEL_FORMAT_VERSION = 1
+
+
+# -- architecture ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Preset:
+    """A named T5 size. Encoder and decoder always have the same depth: HF ``generate``
+    sizes its cache by ``num_layers`` and fails (IndexError) when the decoder is deeper
+    (verified with transformers 5.24)."""
+
+    name: str
+    d_model: int
+    d_ff: int
+    num_heads: int
+    d_kv: int
+    num_layers: int
+    dropout_rate: float
+    description: str
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("micro", d_model=32, d_ff=64, num_heads=2, d_kv=16, num_layers=3, dropout_rate=0.0,
+           description="for tests: trains in seconds, learns little"),
+    Preset("tiny", d_model=128, d_ff=512, num_heads=4, d_kv=32, num_layers=6, dropout_rate=0.1,
+           description="quickstart size: ~3.5M parameters with a 4k vocabulary; minutes on 2 CPU cores"),
+    Preset("small", d_model=256, d_ff=1024, num_heads=4, d_kv=64, num_layers=8, dropout_rate=0.1,
+           description="~15M parameters; for a GPU or a long CPU run"),
+)}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        from suite.registry import closest_names
+
+        close = closest_names(name, list(PRESETS))
+        raise ExitbenchError(f"unknown model preset {name!r}"
+                             + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f"; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def build_config(preset: Preset, vocab_size: int, dropout_rate: float | None = None):
+    """A T5 config for ``preset``: T5's relu FFN, tied embeddings (so the LM head input is
+    scaled by ``d_model ** -0.5``), pad 0 = decoder start, eos 1."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=vocab_size, d_model=preset.d_model, d_ff=preset.d_ff, d_kv=preset.d_kv,
+        num_heads=preset.num_heads, num_layers=preset.num_layers,
+        num_decoder_layers=preset.num_layers, feed_forward_proj="relu",
+        dropout_rate=preset.dropout_rate if dropout_rate is None else dropout_rate,
+        tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        is_encoder_decoder=True)
+
+
+def build_model(preset: Preset, vocab_size: int, *, seed: int = 0,
+                dropout_rate: float | None = None):
+    """A freshly initialised ``T5ForConditionalGeneration``; the same seed gives the same
+    weights."""
+    from transformers import T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(build_config(preset, vocab_size, dropout_rate))
+    _set_generation_defaults(model)
+    return model
+
+
+def _set_generation_defaults(model) -> None:
+    generation = model.generation_config
+    generation.decoder_start_token_id = 0
+    generation.pad_token_id = 0
+    generation.eos_token_id = 1
+
+
+# -- objectives ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Objective:
+    """A training objective with its parameters (see the module docstring)."""
+
+    name: str = "calm"
+    shallow_layer: int | None = None
+    """FREE's shallow exit, 1-based; ``None`` means ``round(L / 3)``."""
+    kd_weight: float = 0.5
+    """FREE's ``alpha``: weight of the layer-wise distillation term."""
+
+    def __post_init__(self) -> None:
+        if self.name not in OBJECTIVES:
+            raise ExitbenchError(f"unknown objective {self.name!r}; use one of "
+                                 f"{', '.join(OBJECTIVES)}")
+        if self.kd_weight < 0:
+            raise ExitbenchError(f"kd weight {self.kd_weight} must be >= 0")
+
+    def resolved(self, num_layers: int) -> Objective:
+        """A copy with FREE's shallow layer filled in and checked against the depth."""
+        if self.name != "free":
+            return dataclasses.replace(self, shallow_layer=None)
+        k = default_shallow_layer(num_layers) if self.shallow_layer is None else self.shallow_layer
+        if not 1 <= k < num_layers:
+            raise ExitbenchError(f"shallow layer {k} is out of range: FREE needs 1 <= k < "
+                                 f"{num_layers} (the decoder's depth); pass --shallow-layer "
+                                 f"between 1 and {num_layers - 1}")
+        return dataclasses.replace(self, shallow_layer=k)
+
+
+@dataclass(frozen=True)
+class LossParts:
+    """An objective's value on one batch: ``total`` (differentiable) and named parts
+    (floats, for logs and tests)."""
+
+    total: torch.Tensor
+    parts: dict[str, float]
+
+
+def default_shallow_layer(num_layers: int) -> int:
+    return max(1, min(num_layers - 1, round(num_layers / 3)))
+
+
+def calm_layer_weights(num_layers: int) -> torch.Tensor:
+    """CALM's ``w_i = i / sum_j j`` for ``i = 1..L`` (they sum to 1)."""
+    index = torch.arange(1, num_layers + 1, dtype=torch.float32)
+    return index / index.sum()
+
+
+def uniform_layer_map(shallow_layer: int, num_layers: int) -> list[int]:
+    """FREE's uniform mapping: shallow layer ``i`` (1-based) learns from deep layer
+    ``round(i * L / k)``; the shallow exit ``k`` maps to the last layer ``L``."""
+    return [round(i * num_layers / shallow_layer) for i in range(1, shallow_layer + 1)]
+
+
+def _forward(model, batch: dict[str, torch.Tensor], hidden: bool):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 labels=batch["labels"], output_hidden_states=hidden, return_dict=True)
+
+
+def _masked_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy per leading index: ``logits [n, N, V]``, ``targets [N]`` -> ``[n]``."""
+    n, num, vocab = logits.shape
+    ce = F.cross_entropy(logits.reshape(n * num, vocab), targets.repeat(n), reduction="none")
+    return ce.view(n, num).mean(dim=1)
+
+
+def layer_losses(model, batch: dict[str, torch.Tensor], outputs=None) -> torch.Tensor:
+    """Cross-entropy of every decoder layer's exit, ``[L]`` (layer 1 first), each the mean
+    over the batch's target tokens (as HF's loss is). Logits are computed only at target
+    positions: the norm and head act per position, so this equals slicing full logits."""
+    if outputs is None:
+        outputs = _forward(model, batch, hidden=True)
+    mask = batch["labels"] != IGNORE_INDEX
+    targets = batch["labels"][mask]
+    states = outputs.decoder_hidden_states
+    num_layers = len(states) - 1
+    # Entries 1..L-1 are raw block outputs (normed by t5_exit_logits); the last layer's
+    # logits are HF's own (its hidden state is already normed).
+    inner = torch.stack([states[i][mask] for i in range(1, num_layers)]) if num_layers > 1 else None
+    last = outputs.logits[mask].unsqueeze(0)
+    logits = last if inner is None else torch.cat([t5_exit_logits(model, inner), last])
+    return _masked_ce(logits, targets)
+
+
+def _normed_state(model, states, layer: int) -> torch.Tensor:
+    """Layer ``layer``'s (1-based) hidden state after the final norm."""
+    if layer == len(states) - 1:
+        return states[layer]  # HF's last entry is already normed
+    return model.decoder.final_layer_norm(states[layer])
+
+
+def objective_loss(model, batch: dict[str, torch.Tensor], objective: Objective) -> LossParts:
+    """The objective on one batch (``input_ids``, ``attention_mask``, ``labels`` with
+    ``-100`` at padding). See the module docstring for the formulas."""
+    num_layers = model.config.num_decoder_layers
+    objective = objective.resolved(num_layers)
+    if objective.name == "vanilla":
+        outputs = _forward(model, batch, hidden=False)
+        mask = batch["labels"] != IGNORE_INDEX
+        ce = _masked_ce(outputs.logits[mask].unsqueeze(0), batch["labels"][mask])[0]
+        return LossParts(total=ce, parts={"ce_last": float(ce.detach())})
+
+    outputs = _forward(model, batch, hidden=True)
+    if objective.name == "calm":
+        per_layer = layer_losses(model, batch, outputs)
+        weights = calm_layer_weights(num_layers).to(per_layer)
+        total = (weights * per_layer).sum()
+        parts = {f"ce_layer_{i + 1}": float(v) for i, v in enumerate(per_layer.detach())}
+        parts["ce_last"] = parts[f"ce_layer_{num_layers}"]
+        return LossParts(total=total, parts=parts)
+
+    # FREE: the shallow exit and the last layer, weighted by depth, plus distillation.
+    k = int(objective.shallow_layer)
+    states = outputs.decoder_hidden_states
+    mask = batch["labels"] != IGNORE_INDEX
+    targets = batch["labels"][mask]
+    shallow_logits = t5_exit_logits(model, states[k][mask])
+    ce_shallow = _masked_ce(shallow_logits.unsqueeze(0), targets)[0]
+    ce_deep = _masked_ce(outputs.logits[mask].unsqueeze(0), targets)[0]
+    ce = (k * ce_shallow + num_layers * ce_deep) / (k + num_layers)
+    kd_terms = []
+    for student, teacher in zip(range(1, k + 1), uniform_layer_map(k, num_layers)):
+        s = _normed_state(model, states, student)[mask]
+        t = _normed_state(model, states, teacher)[mask].detach()
+        kd_terms.append(F.mse_loss(s, t))
+    kd = torch.stack(kd_terms).mean()
+    total = ce + objective.kd_weight * kd
+    return LossParts(total=total, parts={"ce_shallow": float(ce_shallow.detach()),
+                                         "ce_deep": float(ce_deep.detach()),
+                                         "ce_last": float(ce_deep.detach()),
+                                         "kd": float(kd.detach())})
+
+
+# -- data ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EncodedData:
+    """Token ids of training examples (EOS included, truncated to the limits)."""
+
+    sources: tuple[tuple[int, ...], ...]
+    targets: tuple[tuple[int, ...], ...]
+    example_ids: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+
+def encode_examples(tokenizer, examples, max_source_tokens: int,
+                    max_target_tokens: int) -> EncodedData:
+    """Tokenise sources and targets; truncation keeps the EOS (verified: the T5 tokenizer
+    truncates the text, then appends EOS)."""
+    sources = tokenizer([e.source for e in examples], truncation=True,
+                        max_length=max_source_tokens)["input_ids"]
+    targets = tokenizer([e.target for e in examples], truncation=True,
+                        max_length=max_target_tokens)["input_ids"]
+    return EncodedData(sources=tuple(tuple(s) for s in sources),
+                       targets=tuple(tuple(t) for t in targets),
+                       example_ids=tuple(e.id for e in examples))
+
+
+def collate(data: EncodedData, indices: Sequence[int], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded tensors for the examples at ``indices``; labels are ``-100`` at padding."""
+    src = [data.sources[i] for i in indices]
+    tgt = [data.targets[i] for i in indices]
+    input_ids = torch.full((len(src), max(map(len, src))), pad_id, dtype=torch.long)
+    labels = torch.full((len(tgt), max(map(len, tgt))), IGNORE_INDEX, dtype=torch.long)
+    for row, (s, t) in enumerate(zip(src, tgt)):
+        input_ids[row, :len(s)] = torch.tensor(s)
+        labels[row, :len(t)] = torch.tensor(t)
+    return {"input_ids": input_ids, "attention_mask": (input_ids != pad_id).long(),
+            "labels": labels}
+
+
+BUCKET_BATCHES = 16
+"""Batches whose examples are drawn from one length-sorted chunk: padding (and so CPU
+time) shrinks, while the chunk itself is a random sample."""
+
+
+def epoch_batches(source_lengths: Sequence[int], batch_size: int, seed: int,
+                  epoch: int) -> list[np.ndarray]:
+    """The batches of one epoch, a pure function of ``(seed, epoch)`` so that a resumed run
+    sees the same order: a random permutation, cut into chunks of ``BUCKET_BATCHES``
+    batches, each chunk sorted by source length and cut into batches, batches shuffled."""
+    rng = np.random.default_rng([seed, epoch])
+    lengths = np.asarray(source_lengths)
+    order = rng.permutation(len(lengths))
+    batches: list[np.ndarray] = []
+    chunk = batch_size * BUCKET_BATCHES
+    for start in range(0, len(order), chunk):
+        part = order[start:start + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches.extend(part[i:i + batch_size] for i in range(0, len(part), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+class BatchPlan:
+    """Step ``s`` (1-based) -> the example indices of its batch, across epochs."""
+
+    def __init__(self, source_lengths: Sequence[int], batch_size: int, seed: int):
+        self.lengths = list(source_lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self._epochs: dict[int, list[np.ndarray]] = {}
+        self.batches_per_epoch = math.ceil(len(self.lengths) / batch_size)
+
+    def batch(self, step: int) -> np.ndarray:
+        epoch, index = divmod(step - 1, self.batches_per_epoch)
+        if epoch not in self._epochs:
+            self._epochs = {epoch: epoch_batches(self.lengths, self.batch_size, self.seed, epoch)}
+        return self._epochs[epoch][index]
+
+
+# -- settings and results ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that decides the trained weights. A rerun into the same folder must
+    agree on all of it (plus the tokenizer and the training examples)."""
+
+    objective: str = "calm"
+    preset: str = "tiny"
+    tasks: tuple[str, ...] = ("squad",)
+    split: str = "validation"
+    limit: int | None = None
+    max_source_tokens: int | None = None
+    """``None``: the task's limit (512 for SQuAD)."""
+    max_target_tokens: int | None = None
+    shallow_layer: int | None = None
+    kd_weight: float = 0.5
+    steps: int = 200
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    dropout_rate: float | None = None
+    """``None``: the preset's."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        Objective(self.objective, self.shallow_layer, self.kd_weight)  # validates the name
+        get_preset(self.preset)
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ExitbenchError(f"{name.replace('_', '-')} must be at least 1, got "
+                                     f"{getattr(self, name)}")
+        if not self.tasks:
+            raise ExitbenchError("no training task given; pass --task (e.g. --task squad)")
+        if self.learning_rate <= 0:
+            raise ExitbenchError(f"learning rate {self.learning_rate} must be positive")
+
+    @property
+    def objective_spec(self) -> Objective:
+        return Objective(self.objective, self.shallow_layer, self.kd_weight)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    folder: str
+    steps: int
+    final_loss: float
+    """Mean training loss (the objective's total) over the last logging window."""
+    loss_curve: tuple[tuple[int, float], ...]
+    """(step, mean objective loss over the window ending there)."""
+    seconds: float
+    """Training time in this process (not counting earlier runs that were resumed)."""
+    resumed_from: int | None = None
+    already_done: bool = False
+    eval_layer_ce: tuple[float, ...] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+# -- the loop --------------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # Plain types and int64 tensors only, so the state loads with ``weights_only=True``.
+    return {"torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _schedule(warmup: int, total: int) -> Callable[[int], float]:
+    """Linear warmup to the peak rate, then linear decay to 10% of it at the last step
+    (a short run gains most from ending at a low rate)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        remaining = max(total - warmup, 1)
+        return max(0.1, 1.0 - 0.9 * (step - warmup) / remaining)
+    return factor
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)]
+
+
+def _checkpoint_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".checkpoints")
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    done = sorted(p for p in folder.glob("step-*") if (p / TRAINER_STATE_FILE).is_file())
+    return done[-1] if done else None
+
+
+def _write_folder(target: Path, fill: Callable[[Path], None]) -> None:
+    """Build a folder beside ``target`` and rename it into place (replacing an old one)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        fill(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load_examples(settings: TrainSettings, split: str, data_dir, tokenizer) -> tuple[
+        EncodedData, list[dict[str, Any]], int, int]:
+    from suite.tasks import get_task, load_examples
+
+    parts: list[EncodedData] = []
+    described = []
+    max_src = max_tgt = 0
+    for name in settings.tasks:
+        task = get_task(name).with_limits(max_source_tokens=settings.max_source_tokens,
+                                          max_target_tokens=settings.max_target_tokens)
+        examples = load_examples(task, split, data_dir, settings.limit)
+        parts.append(encode_examples(tokenizer, examples, task.limits.max_source_tokens,
+                                     task.limits.max_target_tokens))
+        described.append({"task": name, "split": split, "num_examples": len(examples),
+                          "max_source_tokens": task.limits.max_source_tokens,
+                          "max_target_tokens": task.limits.max_target_tokens})
+        max_src = max(max_src, task.limits.max_source_tokens)
+        max_tgt = max(max_tgt, task.limits.max_target_tokens)
+    data = EncodedData(sources=sum((p.sources for p in parts), ()),
+                       targets=sum((p.targets for p in parts), ()),
+                       example_ids=sum((tuple(f"{d['task']}/{i}" for i in p.example_ids)
+                                        for p, d in zip(parts, described)), ()))
+    return data, described, max_src, max_tgt
+
+
+@torch.no_grad()
+def evaluate_layer_losses(model, data: EncodedData, batch_size: int = 32) -> list[float]:
+    """Per-layer cross-entropy over all target tokens of ``data`` (teacher-forced, eval
+    mode), layer 1 first."""
+    was_training = model.training
+    model.eval()
+    totals = None
+    count = 0
+    order = np.argsort([len(s) for s in data.sources], kind="stable")
+    for start in range(0, len(order), batch_size):
+        batch = collate(data, order[start:start + batch_size])
+        tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+        losses = layer_losses(model, batch) * tokens
+        totals = losses if totals is None else totals + losses
+        count += tokens
+    model.train(was_training)
+    return [float(v) for v in totals / max(count, 1)]
+
+
+def describe_data(described: list[dict[str, Any]]) -> str:
+    names = {"squad": "SQuAD", "cnn_dailymail": "CNN/DailyMail", "wmt15_en_fr": "WMT EN-FR",
+             "big_patent": "BigPatent"}
+    return " + ".join(f"{names.get(d['task'], d['task'])} sample ({d['split']}, "
+                      f"{d['num_examples']} examples)" for d in described)
+
+
+def train(settings: TrainSettings, tokenizer_dir: str | Path, out: str | Path, *,
+          data_dir: str | os.PathLike | None = None, eval_split: str | None = None,
+          checkpoint_every: int = 100, keep_checkpoints: int = 1, log_every: int = 10,
+          progress: bool = True, on_step: Callable[[int, float], None] | None = None
+          ) -> TrainResult:
+    """Train a model and write it to ``out`` (see the module docstring for the layout).
+
+    Rerunning with the same settings resumes from the newest checkpoint in
+    ``<out>.checkpoints`` or, when ``out`` is already complete, returns at once
+    (``already_done``). ``on_step(step, loss)`` is called after every optimiser step
+    (tests use it to interrupt a run)."""
+    from transformers import T5ForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    from suite import __version__
+    from suite.tokenizer import copy_tokenizer_files, load_tokenizer, spiece_sha256
+    from suite.traces import hash_strings
+
+    # Our bar shows training progress; HF's per-save and per-load bars would interleave.
+    hf_logging.disable_progress_bar()
+    out = Path(out)
+    tokenizer_dir = Path(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    preset = get_preset(settings.preset)
+    objective = settings.objective_spec.resolved(preset.num_layers)
+    data, described, max_src, max_tgt = _load_examples(settings, settings.split, data_dir,
+                                                       tokenizer)
+    identity = {**dataclasses.asdict(settings), "tasks": list(settings.tasks),
+                "shallow_layer": objective.shallow_layer,
+                "tokenizer_spiece_sha256": spiece_sha256(tokenizer_dir),
+                "train_example_ids_sha256": hash_strings(list(data.example_ids))}
+
+    # A finished model, or checkpoints of an earlier run: the same settings continue it.
+    if out.exists():
+        meta_path = out / MODEL_METADATA_FILE
+        if not meta_path.is_file():
+            if out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+            else:
+                raise ExitbenchError(f"{out} exists and is not a model folder written by "
+                                     f"`exitbench train`; choose another --out or remove it")
+        else:
+            metadata = json.loads(meta_path.read_text("utf-8"))
+            differ = _differences(metadata.get("settings", {}), identity)
+            if differ:
+                raise ExitbenchError(f"{out} holds a model trained with other settings ("
+                                     + "; ".join(differ) + "); choose another --out or "
+                                     "delete that folder")
+            # A crash between the final rename and the clean-up can leave checkpoints behind.
+            shutil.rmtree(_checkpoint_dir(out), ignore_errors=True)
+            return TrainResult(folder=str(out), steps=metadata["steps"],
+                               final_loss=metadata["final_loss"],
+                               loss_curve=tuple(tuple(x) for x in metadata["loss_curve"]),
+                               seconds=0.0, already_done=True,
+                               eval_layer_ce=tuple(metadata["eval"]["layer_ce"])
+                               if metadata.get("eval") else None, metadata=metadata)
+    ckpt_root = _checkpoint_dir(out)
+    run_file = ckpt_root / RUN_FILE
+    latest = _latest_checkpoint(ckpt_root)
+    if latest is not None and run_file.is_file():
+        differ = _differences(json.loads(run_file.read_text("utf-8")), identity)
+        if differ:
+            raise ExitbenchError(f"{ckpt_root} holds checkpoints of a run with other settings ("
+                                 + "; ".join(differ) + f"); rerun with the same settings to "
+                                 f"resume it, or delete {ckpt_root} to start over")
+    elif latest is None:
+        # Nothing to resume (a run stopped before its first checkpoint): start afresh.
+        atomic_write_json(run_file, identity)
+
+    _seed_everything(settings.seed)
+    model = build_model(preset, len(tokenizer), seed=settings.seed,
+                        dropout_rate=settings.dropout_rate)
+    start_step = 0
+    earlier_seconds = 0.0
+    loss_log: list[float] = []
+    if latest is not None:
+        model = T5ForConditionalGeneration.from_pretrained(str(latest))
+        _set_generation_defaults(model)
+    optimizer = _optimizer(model, settings)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _schedule(settings.warmup_steps, settings.steps))
+    if latest is not None:
+        state = torch.load(latest / TRAINER_STATE_FILE, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = int(state["step"])
+        loss_log = [float(x) for x in state["loss_log"]]
+        earlier_seconds = float(state["seconds"])
+        _set_rng_state(state["rng"])
+
+    def save_checkpoint(step: int) -> None:
+        def fill(folder: Path) -> None:
+            model.save_pretrained(str(folder))
+            copy_tokenizer_files(tokenizer_dir, folder)
+            torch.save({"step": step, "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                        "loss_log": torch.tensor(loss_log, dtype=torch.float64),
+                        "seconds": earlier_seconds + time.perf_counter() - began},
+                       folder / TRAINER_STATE_FILE)
+        _write_folder(ckpt_root / f"step-{step:07d}", fill)
+        old = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
+        for stale in old[:-keep_checkpoints] if keep_checkpoints > 0 else []:
+            shutil.rmtree(stale, ignore_errors=True)
+
+    plan = BatchPlan([len(s) for s in data.sources], settings.batch_size, settings.seed)
+    began = time.perf_counter()
+    model.train()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=settings.steps, initial=start_step, desc=f"train {settings.objective}",
+                   unit="step", mininterval=1.0, dynamic_ncols=True)
+    try:
+        for step in range(start_step + 1, settings.steps + 1):
+            batch = collate(data, plan.batch(step))
+            result = objective_loss(model, batch, objective)
+            result.total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss = float(result.total.detach())
+            if not math.isfinite(loss):
+                raise ExitbenchError(f"the training loss became {loss} at step {step}; lower "
+                                     f"--lr (now {settings.learning_rate}) and rerun into a "
+                                     f"new --out")
+            loss_log.append(loss)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(loss_log[-log_every:]):.3f}",
+                                last=f"{result.parts['ce_last']:.3f}", refresh=False)
+            if step % checkpoint_every == 0 and step < settings.steps:
+                save_checkpoint(step)
+            if on_step is not None:
+                on_step(step, loss)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - began
+
+    curve = [(min(i + log_every, len(loss_log)), float(np.mean(loss_log[i:i + log_every])))
+             for i in range(0, len(loss_log), log_every)]
+    eval_info = None
+    eval_ce = None
+    if eval_split is not None:
+        eval_data, eval_described, _, _ = _load_examples(settings, eval_split, data_dir, tokenizer)
+        eval_ce = evaluate_layer_losses(model, eval_data)
+        eval_info = {"split": eval_split, "examples": eval_described, "layer_ce": eval_ce}
+    data_text = describe_data(described)
+    metadata = {
+        "format_version": MODEL_FORMAT_VERSION,
+        "label": f"{preset.name} T5 ({objective.name} objective) trained by exitbench on the "
+                 f"{data_text} for {settings.steps} steps; not a published checkpoint",
+        "objective": objective.name,
+        "preset": preset.name,
+        "architecture": dataclasses.asdict(preset) | {"vocab_size": len(tokenizer)},
+        "shallow_layer": objective.shallow_layer,
+        "kd_weight": objective.kd_weight if objective.name == "free" else None,
+        "layer_weights": calm_layer_weights(preset.num_layers).tolist()
+        if objective.name == "calm" else None,
+        "tasks": described,
+        "max_source_tokens": max_src,
+        "max_target_tokens": max_tgt,
+        "steps": settings.steps,
+        "seed": settings.seed,
+        "final_loss": curve[-1][1] if curve else float("nan"),
+        "initial_loss": curve[0][1] if curve else float("nan"),
+        "loss_curve": curve,
+        "eval": eval_info,
+        "tokenizer": {"source": str(tokenizer_dir), "spiece_sha256": identity["tokenizer_spiece_sha256"]},
+        "train_seconds": earlier_seconds + seconds,
+        "train_seconds_last_run": seconds,
+        "resumed_from_step": start_step or None,
+        "settings": identity,
+        "versions": {"exitbench": __version__, "torch": torch.__version__,
+                     "transformers": _transformers_version()},
+    }
+
+    def fill_final(folder: Path) -> None:
+        model.save_pretrained(str(folder))
+        copy_tokenizer_files(tokenizer_dir, folder)
+        atomic_write_json(folder / MODEL_METADATA_FILE, metadata)
+
+    _write_folder(out, fill_final)
+    shutil.rmtree(ckpt_root, ignore_errors=True)
+    return TrainResult(folder=str(out), steps=settings.steps, final_loss=metadata["final_loss"],
+                       loss_curve=tuple(curve), seconds=seconds,
+                       resumed_from=start_step or None,
+                       eval_layer_ce=tuple(eval_ce) if eval_ce is not None else None,
+                       metadata=metadata)
+
+
+def _optimizer(model, settings: TrainSettings) -> torch.optim.Optimizer:
+    # No weight decay on norms (T5's RMSNorm scales), as is usual for Transformers.
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if "layer_norm" in name else decay).append(param)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=settings.learning_rate)
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def read_model_metadata(folder: str | Path) -> dict[str, Any]:
+    """``exitbench_model.json`` of a model folder written by :func:`train`."""
+    path = Path(folder) / MODEL_METADATA_FILE
+    if not path.is_file():
+        raise ExitbenchError(f"{folder} has no {MODEL_METADATA_FILE}: it is not a model folder "
+                             f"written by `exitbench train`")
+    return json.loads(path.read_text("utf-8"))
