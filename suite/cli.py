@@ -11,8 +11,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
+
+# OpenMP's default spin-waiting made torch steps up to ~8x slower on a shared 2-core
+# machine (measured); it must be set before torch is imported, and Ray workers inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from suite import __version__
 from suite import commands as commands_pkg
