@@ -3,8 +3,9 @@ against "will change", on held-out traces of a tiny T5 trained here.
 
 Steps (all offline, resumable under --out): a tokenizer and a tiny T5 trained on the SQuAD
 sample's validation[200:] (the objective is an option: ``vanilla`` leaves intermediate layers
-untrained, so their predictions change often; ``calm`` trains every exit), generated traces of
-validation[200:500] (fit) and validation[:200] (held out), hidden states re-materialised,
+untrained, so their predictions change often; ``calm`` trains every exit), traces of
+validation[200:500] (fit) and validation[:200] (held out) — reference-forced by default,
+since a model this small repeats one token when left to generate — hidden states re-materialised,
 each learned measure fitted on the fit traces (5 epochs, consistency labels), then AUROC on
 the held-out traces over layers 2..L-1 (where every measure, classifier_three_hidden
 included, gives a score), next to softmax_margin's and hidden_state_saturation's.
@@ -29,6 +30,10 @@ def main() -> None:
     parser.add_argument("--objective", default="vanilla", choices=["vanilla", "calm", "free"])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--out", default="runs/bench-auroc")
+    parser.add_argument("--kind", default="forced", choices=["forced", "generated"],
+                        help="forced (teacher forcing on the gold answers; a tiny model's own "
+                             "greedy output repeats one token, which leaves one class) or "
+                             "generated traces")
     args = parser.parse_args()
 
     from suite.config import ModelConfig, TaskConfig
@@ -55,14 +60,14 @@ def main() -> None:
     model = ModelConfig(name=model_dir.name, path=str(model_dir))
     dirs = {}
     for role, split in (("fit", "validation[200:500]"), ("heldout", "validation[:200]")):
-        dirs[role] = out / "traces" / role
+        dirs[role] = out / "traces" / args.kind / role
         record_task(TaskConfig(name="squad", split=split, max_source_tokens=256), model,
-                    "generated", dirs[role], data_dir=str(SAMPLES), batch_size=16,
+                    args.kind, dirs[role], data_dir=str(SAMPLES), batch_size=16,
                     shard_size=100, progress=False)
     fit = load_hidden_states(dirs["fit"], model_path=str(model_dir), data_dir=str(SAMPLES))
     held = load_hidden_states(dirs["heldout"], model_path=str(model_dir), data_dir=str(SAMPLES))
     print(f"backbone: tiny T5 trained here ({args.objective}, {args.steps} steps) on 764 SQuAD "
-          f"sample questions; fit traces {fit.traces.num_tokens} tokens, held-out "
+          f"sample questions; {args.kind} traces; fit {fit.traces.num_tokens} tokens, held-out "
           f"{held.traces.num_tokens} tokens, hidden-state mismatch "
           f"{fit.mismatch_rate:.2%} / {held.mismatch_rate:.2%}")
     measures = {}
