@@ -9,7 +9,7 @@ Default model: a random-weight T5 of the ``tiny`` preset's size (6+6 layers, d_m
 with a tokenizer trained on the SQuAD sample; pass ``--model`` for a trained one (e.g.
 runs/quickstart/models/tiny-calm after the quickstart).
 
-    .venv/bin/python benchmarks/bench_record.py [--model DIR] [--examples 64]
+    .venv/bin/python benchmarks/bench_record.py [--model DIR] [--examples 256]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def default_model(root: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
-    parser.add_argument("--examples", type=int, default=64)
+    parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=30)
     args = parser.parse_args()
 
