@@ -116,11 +116,12 @@ def default_source_lens(source_len: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, source_len // 4), max(1, source_len // 2), source_len}))
 
 
-def _sizes(values: Sequence[int], what: str, minimum: int = 1) -> tuple[int, ...]:
+def _sizes(values: Sequence[int], what: str, minimum: int = 1,
+           why: str = "") -> tuple[int, ...]:
     sizes = []
     for value in values:
         if isinstance(value, bool) or int(value) != value or value < minimum:
-            raise ProfilingError(f"{what} {value!r} is not an integer >= {minimum}")
+            raise ProfilingError(f"{what} {value!r} is not an integer >= {minimum}{why}")
         sizes.append(int(value))
     if not sizes:
         raise ProfilingError(f"{what}: give at least one value")
@@ -154,7 +155,10 @@ class ProfileSettings:
         if self.dtype not in DTYPES:
             raise ProfilingError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         object.__setattr__(self, "batch_sizes", _sizes(self.batch_sizes, "batch size"))
-        object.__setattr__(self, "contexts", _sizes(self.contexts, "context length", 2))
+        object.__setattr__(self, "contexts", _sizes(
+            self.contexts, "context length", 2, " (--contexts counts the step's own key, so "
+            "2 is the first with a cached one; context 1, the first step, is priced at the "
+            "smallest context timed)"))
         if isinstance(self.source_len, bool) or int(self.source_len) != self.source_len \
                 or self.source_len < 1:
             raise ProfilingError(f"--source-len {self.source_len!r} is not an integer >= 1")
@@ -736,8 +740,8 @@ def load_profiling_adapter(model: str, device: torch.device, dtype: str):
 
     if dtype == "tf32":
         if device.type != "cuda":
-            raise ProfilingError("--dtype tf32 is a CUDA tensor-core mode; on a CPU profile "
-                                 "float32 (or bfloat16)")
+            raise ProfilingError("--dtype tf32 is a CUDA tensor-core mode; on a CPU, profile "
+                                 "with --dtype float32 (or bfloat16)")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     elif device.type == "cuda":
