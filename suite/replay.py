@@ -132,20 +132,24 @@ def exit_statistics(traces: TraceArrays, result: Replay) -> ExitStatistics:
     num_tokens, num_layers = traces.num_tokens, traces.num_layers
     num_thresholds = len(result.order)
     width = num_thresholds + 1
-    reached = result.reached.astype(np.int64)
-    lower = np.concatenate([np.zeros((num_tokens, 1), np.int64), reached], axis=1)  # r[l-1]
-    upper = np.concatenate([reached, np.full((num_tokens, 1), num_thresholds)], axis=1)  # r[l]
-    offsets = (np.arange(num_layers) * width)[None, :]
-    agree = (traces.top1_id == traces.final_id[:, None]).astype(np.float64)
-
-    def spans(weights):
-        starts = np.bincount((lower + offsets).ravel(), weights, minlength=num_layers * width)
-        ends = np.bincount((upper + offsets).ravel(), weights, minlength=num_layers * width)
-        per_layer = np.cumsum((starts - ends).reshape(num_layers, width), axis=1)
-        return per_layer[:, :num_thresholds].T  # [K sorted, L]
-
-    counts = spans(None)
-    agreeing = spans(agree.ravel())
+    counts = np.zeros((num_layers, width))
+    agreeing = np.zeros((num_layers, width))
+    lower = np.zeros(num_tokens, dtype=np.intp)  # reached[l - 1], 0 before the first layer
+    for layer in range(num_layers):  # a loop over layers; each step is vectorised over tokens
+        last = layer == num_layers - 1
+        upper = None if last else result.reached[:, layer].astype(np.intp)
+        agree = (traces.top1_id[:, layer] == traces.final_id).astype(np.float64)
+        counts[layer] = np.bincount(lower, minlength=width)
+        agreeing[layer] = np.bincount(lower, agree, minlength=width)
+        if last:  # the last layer catches every threshold not reached before it
+            counts[layer, num_thresholds] -= num_tokens
+            agreeing[layer, num_thresholds] -= agree.sum()
+        else:
+            counts[layer] -= np.bincount(upper, minlength=width)
+            agreeing[layer] -= np.bincount(upper, agree, minlength=width)
+            lower = upper
+    counts = np.cumsum(counts, axis=1)[:, :num_thresholds].T  # [K sorted, L]
+    agreeing = np.cumsum(agreeing, axis=1)[:, :num_thresholds].T
     total = max(num_tokens, 1)
     histogram = np.empty((num_thresholds, num_layers))
     histogram[result.order] = counts / total
