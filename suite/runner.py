@@ -269,24 +269,20 @@ def part_key(config: SuiteConfig, task: TaskConfig, model: ModelConfig,
 
     eval_dir = trace_dir(config.output_dir, task.name, model.name)
     fit_dir = trace_dir(config.output_dir, task.name, model.name, "fit")
-    profile_files = []
-    for name in config.profiles:
-        profile = PROFILES.get(name)
-        path = getattr(profile, "path", None)
-        profile_files.append(_file_sha256(Path(path)) if path else json.dumps(
-            profile.model_dump(mode="json") if hasattr(profile, "model_dump") else str(profile),
-            sort_keys=True, default=str))
+    # the profiles' figures price the rows; where their files lie does not
+    profiles = {name: PROFILES.get(name).model_dump(mode="json", exclude={"path"})
+                for name in config.profiles}
     payload = {
         "traces": _file_sha256(eval_dir / "manifest.json"),
         "fit": _file_sha256(fit_dir / "manifest.json") if get_measure(measure.name).needs_fit
         else "",
         "measure": measure.model_dump(mode="json"),
         "code": code_hash(get_measure(measure.name)),
-        "profiles": config.profiles, "profile_files": profile_files,
+        "profiles": profiles,
         "batch_sizes": config.batch_sizes, "dtype": config.dtype, "seed": config.seed,
         "task": task.model_dump(mode="json"), "suite": __version__,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _part_path(output_dir: str | Path, task: str, model: str, measure: str) -> Path:
@@ -564,7 +560,7 @@ def write_run_manifest(config: SuiteConfig, config_path: str | None,
     from suite.profiles import PROFILES
     for name in config.profiles:
         profile = PROFILES.get(name)
-        if getattr(profile, "kind", "") == "measured" and hasattr(profile, "model_dump"):
+        if profile.kind == "measured":
             profiles[name] = profile.model_dump(mode="json")
     path = Path(config.output_dir) / "run_manifest.json"
     atomic_write_json(path, {

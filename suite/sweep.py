@@ -32,6 +32,7 @@ from suite.errors import ExitbenchError
 from suite.measures import Measure, ModelDims, code_hash, get_measure
 from suite.metrics import get_metric
 from suite.profiles import get_profile
+from suite.record import encode_texts
 from suite.replay import (
     ScoreCache,
     exit_statistics,
@@ -153,9 +154,10 @@ def sweep(inputs: SweepInputs, measures: Sequence[MeasureConfig], profiles: Sequ
                              f"{inputs.task.name}/{inputs.split}; were the traces recorded "
                              f"from another split?")
     references = [examples[i].references for i in example_ids]
-    source_len = np.array([min(len(ids) + 1, inputs.task.limits.max_source_tokens)
-                           for ids in tokenizer([examples[i].source for i in example_ids],
-                                                add_special_tokens=False)["input_ids"]])
+    # the encoder lengths the record stage used (same truncation rule, EOS included)
+    source_len = np.array([len(ids) for ids in encode_texts(
+        tokenizer, [examples[i].source for i in example_ids],
+        inputs.task.limits.max_source_tokens, info.eos_token_id)])
     metric = get_metric(inputs.task.metric)
     metric_key = f"{inputs.task.name}|{inputs.task.metric}|{len(example_ids)}"
 

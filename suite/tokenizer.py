@@ -26,7 +26,6 @@ transformers 5.24):
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -42,6 +41,7 @@ from typing import Any
 
 from suite.atomic import atomic_write_json
 from suite.errors import ExitbenchError
+from suite.traces import sha256_file
 
 SPIECE_FILE = "spiece.model"
 METADATA_FILE = "exitbench_tokenizer.json"
@@ -224,14 +224,6 @@ def corpus_lines(texts: Iterable[str], max_bytes: int = SENTENCEPIECE_DEFAULT_MA
 
 
 # -- training ------------------------------------------------------------------------------
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _train_sentencepiece(lines: list[str], settings: TokenizerSettings) -> bytes:
     import sentencepiece as spm
 
