@@ -47,7 +47,8 @@ def synthetic_traces(num_tokens: int, num_layers: int, seed: int = 0) -> TraceAr
                        top1_id=top1_id.astype(np.int32), top1_prob=top1_prob,
                        top2_prob=top2_prob.astype(np.float32),
                        cos_prev=cos_prev.astype(np.float32),
-                       cos_last=cos_prev.astype(np.float32))
+                       cos_last=cos_prev.astype(np.float32),
+                       final_prob=top1_prob)
 
 
 def main() -> None:

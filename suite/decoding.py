@@ -58,6 +58,7 @@ class LayerStats:
     top2_prob: torch.Tensor
     cos_prev: torch.Tensor
     cos_last: torch.Tensor
+    final_prob: torch.Tensor
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,13 +84,14 @@ def layer_statistics(adapter: DecoderAdapter, states: torch.Tensor) -> LayerStat
     cos_last = F.cosine_similarity(as_float[1:], as_float[-1:], dim=-1)
     vocab = adapter.dims.vocab_size
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // max(1, layers * vocab))
-    top1_id, top1_prob, top2_prob = [], [], []
+    top1_id, top1_prob, top2_prob, final_prob = [], [], [], []
     for begin in range(0, num_tokens, chunk):
         # All layers share one head here; exit_logits(layer=-1) names "any layer".
         logits = adapter.exit_logits(-1, states[1:, begin:begin + chunk])
         # softmax + top-2 of the probabilities: two fused passes over the logits (a
         # logsumexp was 4x slower than softmax on CPU, profiled).
-        top2 = torch.softmax(logits, dim=-1, dtype=torch.float32).topk(2, dim=-1)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        top2 = probs.topk(2, dim=-1)
         ids = top2.indices[..., 0]
         # softmax is monotone, so a unique top probability sits at the unique top logit;
         # only where the top two probabilities tie do we ask the logits, with argmax, so
@@ -100,12 +102,15 @@ def layer_statistics(adapter: DecoderAdapter, states: torch.Tensor) -> LayerStat
         top1_id.append(ids)
         top1_prob.append(top2.values[..., 0])
         top2_prob.append(top2.values[..., 1])
+        final = ids[-1:, :, None].expand(layers, -1, 1)
+        final_prob.append(probs.gather(-1, final)[..., 0])
 
     def joined(parts: list[torch.Tensor]) -> torch.Tensor:
         return (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).T
 
     return LayerStats(top1_id=joined(top1_id), top1_prob=joined(top1_prob),
-                      top2_prob=joined(top2_prob), cos_prev=cos_prev.T, cos_last=cos_last.T)
+                      top2_prob=joined(top2_prob), cos_prev=cos_prev.T, cos_last=cos_last.T,
+                      final_prob=joined(final_prob))
 
 
 def _run_all_layers(adapter: DecoderAdapter, state, input_ids: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 MEASURES_DIR = Path(__file__).resolve().parent.parent / "measures"
 
 TRACE_FIELDS: frozenset[str] = frozenset({
-    "top1_id", "top1_prob", "top2_prob", "cos_prev", "cos_last",  # per layer [T, L]
+    "top1_id", "top1_prob", "top2_prob", "cos_prev", "cos_last", "final_prob",  # [T, L]
     "example_id", "position", "final_id", "gold_id",  # per token [T]
     "hidden",  # per layer [T, L, d_model], re-materialised on demand
 })

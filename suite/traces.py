@@ -9,12 +9,17 @@ Per layer (``LAYER_FIELDS``):
   prediction at that layer; ``cos_prev`` (float32): cosine similarity of the
   layer's hidden state with the previous layer's (for layer 0, with the decoder
   input embedding); ``cos_last`` (float32): cosine with the last layer's hidden
-  state (for analyses). Hidden states are compared before the final norm, except
+  state (for analyses); ``final_prob`` (float32): the probability that layer's exit
+  head gives to the last layer's prediction (``top1_id[:, -1]``), for the monotonicity
+  analyses. Hidden states are compared before the final norm, except
   that HF's last entry is already normed: we compare un-normed states throughout.
 Per token (``TOKEN_FIELDS``):
   ``example_id`` (string), ``position`` (int32, 0-based decoding step),
   ``final_id`` (int32, the full-depth token), ``gold_id`` (int32, the reference
   token in reference-forced traces, -1 in generated ones).
+Optional per token (``OPTIONAL_TOKEN_FIELDS``):
+  ``exit_layer`` (int32): the layer an online early-exit decoder exited at for that
+  token (:mod:`suite.online`); absent from full-depth traces.
 
 Shards are Arrow IPC files (uncompressed, memory-mapped on load) with per-layer
 fields as fixed-size lists, so loading is a reshape, not a loop. A manifest
@@ -37,11 +42,12 @@ import pyarrow as pa
 from suite.atomic import atomic_write, atomic_write_json
 from suite.errors import ExitbenchError
 
-TRACE_FORMAT_VERSION = 1
+TRACE_FORMAT_VERSION = 2
 LAYER_FIELDS: dict[str, type] = {"top1_id": np.int32, "top1_prob": np.float32,
                                  "top2_prob": np.float32, "cos_prev": np.float32,
-                                 "cos_last": np.float32}
+                                 "cos_last": np.float32, "final_prob": np.float32}
 TOKEN_FIELDS: dict[str, type] = {"position": np.int32, "final_id": np.int32, "gold_id": np.int32}
+OPTIONAL_TOKEN_FIELDS: dict[str, type] = {"exit_layer": np.int32}
 
 
 class TraceIntegrityError(ExitbenchError):
@@ -62,6 +68,9 @@ class TraceArrays:
     top2_prob: np.ndarray
     cos_prev: np.ndarray
     cos_last: np.ndarray
+    final_prob: np.ndarray
+    exit_layer: np.ndarray | None = None
+    """Optional ``[T]`` exit layer of each token, in traces of online early-exit decoding."""
     hidden: np.ndarray | None = None
     """Optional ``[T, L, d_model]`` hidden states (re-materialised on demand, never stored)."""
 
@@ -100,8 +109,8 @@ class TraceArrays:
             if getattr(self, name).shape != (n, layers):
                 raise ValueError(f"trace field {name} has shape {getattr(self, name).shape}, "
                                  f"expected {(n, layers)}")
-        for name in ("example_id", *TOKEN_FIELDS):
-            if getattr(self, name).shape != (n,):
+        for name in ("example_id", *TOKEN_FIELDS, *OPTIONAL_TOKEN_FIELDS):
+            if getattr(self, name) is not None and getattr(self, name).shape != (n,):
                 raise ValueError(f"trace field {name} has shape {getattr(self, name).shape}")
 
     @staticmethod
@@ -124,6 +133,9 @@ def to_table(traces: TraceArrays) -> pa.Table:
     }
     for name, dtype in TOKEN_FIELDS.items():
         columns[name] = pa.array(np.ascontiguousarray(getattr(traces, name), dtype=dtype))
+    for name, dtype in OPTIONAL_TOKEN_FIELDS.items():
+        if getattr(traces, name) is not None:
+            columns[name] = pa.array(np.ascontiguousarray(getattr(traces, name), dtype=dtype))
     for name, dtype in LAYER_FIELDS.items():
         flat = pa.array(np.ascontiguousarray(getattr(traces, name), dtype=dtype).reshape(-1))
         columns[name] = pa.FixedSizeListArray.from_arrays(flat, layers)
@@ -144,6 +156,10 @@ def from_table(table: pa.Table) -> TraceArrays:
         values["example_id"] = np.asarray(example_id.to_pylist(), dtype=object)
     for name, dtype in TOKEN_FIELDS.items():
         values[name] = table.column(name).combine_chunks().to_numpy().astype(dtype, copy=False)
+    for name, dtype in OPTIONAL_TOKEN_FIELDS.items():
+        if name in table.column_names:
+            values[name] = table.column(name).combine_chunks().to_numpy().astype(dtype,
+                                                                                 copy=False)
     for name, dtype in LAYER_FIELDS.items():
         flat = table.column(name).combine_chunks().flatten().to_numpy()
         values[name] = flat.astype(dtype, copy=False).reshape(n, layers)

@@ -51,6 +51,9 @@ PER_TOKEN_FIELDS = ("example_id", "position", "final_id", "gold_id")
 LOOK_AHEAD_TOKEN_FIELDS = ("final_id", "gold_id")
 """Per-token fields not known while decoding a layer: ``final_id`` is the last layer's top-1,
 ``gold_id`` the reference. The causality checks change them with the layers above."""
+LOOK_AHEAD_LAYER_FIELDS = ("final_prob",)
+"""Per-layer fields that depend on the last layer at every layer (``final_prob`` is the
+probability of ``final_id``): the layer-causality check changes them at all layers."""
 
 
 # -- synthetic traces -----------------------------------------------------------------------
@@ -100,6 +103,8 @@ def synthetic_traces(num_examples: int = 6, tokens_per_example: int = 8, num_lay
         top2_prob=top2_prob.astype(np.float32),
         cos_prev=_cosine(hidden, previous).astype(np.float32),
         cos_last=_cosine(hidden, hidden[:, -1:]).astype(np.float32),
+        final_prob=np.where(top1_id == final_id[:, None], top1_prob, top2_prob)
+        .astype(np.float32),
         hidden=hidden.astype(np.float32))
 
 
@@ -528,11 +533,15 @@ class LayerCausalityCheck(Check):
             # final_id is the last layer's top-1: it counts as "above" every earlier layer
             token_fields = LOOK_AHEAD_TOKEN_FIELDS if layer < num_layers - 1 else ("gold_id",)
             perturbed = mix_traces(ctx.traces, ctx.other, above, token_fields=token_fields)
+            if layer < num_layers - 1:
+                perturbed = dataclasses.replace(perturbed, **{
+                    name: getattr(ctx.other, name) for name in LOOK_AHEAD_LAYER_FIELDS})
             scores = ctx.scores(perturbed, measure)
             changed = first_difference(base[:, :layer + 1], scores[:, :layer + 1])
             if changed is not None:
                 count, token, at = changed
-                what = (f"layers > {layer}, final_id and gold_id" if layer < num_layers - 1
+                what = (f"layers > {layer}, final_id, final_prob and gold_id"
+                        if layer < num_layers - 1
                         else "gold_id")
                 return FAIL, (f"peeks ahead: changing only {what} changed {count} score(s) at "
                               f"layers <= {layer} (first: token {token}, layer {at}: "

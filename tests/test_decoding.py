@@ -130,6 +130,10 @@ def test_trace_layout_and_fields_match_hf_hidden_states(decoded):
     probs = layer_logits.float().softmax(-1).topk(2, dim=-1).values  # [L, N, 2]
     np.testing.assert_allclose(traces.top1_prob, probs[..., 0].T.numpy(), rtol=1e-3, atol=1e-7)
     np.testing.assert_allclose(traces.top2_prob, probs[..., 1].T.numpy(), rtol=1e-3, atol=1e-7)
+    final_prob = layer_logits.float().softmax(-1).gather(
+        -1, torch.as_tensor(traces.final_id, dtype=torch.long)[None, :, None]
+        .expand(layer_logits.shape[0], -1, 1))[..., 0]
+    np.testing.assert_allclose(traces.final_prob, final_prob.T.numpy(), rtol=1e-3, atol=1e-7)
     cos_prev = F.cosine_similarity(states[1:], states[:-1], dim=-1).T.numpy()
     cos_last = F.cosine_similarity(states[1:], states[-1:], dim=-1).T.numpy()
     np.testing.assert_allclose(traces.cos_prev, cos_prev, atol=1e-4)
@@ -242,3 +246,7 @@ def test_layer_statistics_by_hand_with_tied_logits():
     torch.testing.assert_close(stats.cos_prev[:, 1], F.cosine_similarity(layer1, layer0))
     torch.testing.assert_close(stats.cos_last[:, 0], F.cosine_similarity(layer0, layer1))
     torch.testing.assert_close(stats.cos_last[:, 1], torch.ones(3))
+    # final_prob: each layer's probability of the last layer's prediction [3, 1, 0]
+    final = torch.tensor([3, 1, 0])
+    torch.testing.assert_close(stats.final_prob[:, 0], layer0.softmax(-1)[torch.arange(3), final])
+    torch.testing.assert_close(stats.final_prob[:, 1], stats.top1_prob[:, 1])

@@ -63,7 +63,8 @@ def make_traces():
     return TraceArrays(example_id=np.array(["a", "a", "a", "b", "b"], dtype=object),
                        position=np.array([0, 1, 2, 0, 1], np.int32),
                        final_id=top1[:, -1].copy(), gold_id=-np.ones(5, np.int32), top1_id=top1,
-                       top1_prob=zeros, top2_prob=zeros, cos_prev=zeros, cos_last=zeros)
+                       top1_prob=zeros, top2_prob=zeros, cos_prev=zeros, cos_last=zeros,
+                       final_prob=zeros)
 
 
 def test_replayed_tokens_statistics_and_sequences():
@@ -117,7 +118,8 @@ def test_statistics_equal_direct_computation_on_random_traces():
     traces = TraceArrays(example_id=np.array(["e"] * num_tokens, dtype=object),
                          position=np.arange(num_tokens, dtype=np.int32), final_id=top1[:, -1].copy(),
                          gold_id=-np.ones(num_tokens, np.int32), top1_id=top1, top1_prob=zeros,
-                         top2_prob=zeros, cos_prev=zeros, cos_last=zeros)
+                         top2_prob=zeros, cos_prev=zeros, cos_last=zeros,
+                         final_prob=zeros)
     scores = rng.random((num_tokens, num_layers))
     thresholds = rng.permutation(np.linspace(0, 1.1, 17))
     result = replay(scores, thresholds, min_layer=1)

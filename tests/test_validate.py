@@ -67,6 +67,13 @@ class ReadsFinalToken(Top1):
         return (traces.top1_id == traces.final_id[:, None]).astype(np.float64)
 
 
+class ReadsFinalProb(Top1):
+    reads = frozenset({"final_prob"})
+
+    def scores(self, traces):
+        return traces.final_prob.astype(np.float64)
+
+
 class ReadsNextToken(Top1):
     def scores(self, traces):
         top1 = traces.top1_prob.astype(np.float64)
@@ -192,6 +199,7 @@ def test_a_correct_measure_passes_every_check():
 @pytest.mark.parametrize("cls,check,reason", [
     (ReadsNextLayer, "causality", "peeks ahead"),
     (ReadsFinalToken, "causality", "final_id"),
+    (ReadsFinalProb, "causality", "final_prob"),
     (ReadsNextToken, "causality-tokens", "later tokens"),
     (Raises, "shape", "RuntimeError: boom"),
     (ReturnsNan, "finite", "NaN (first at token 0, layer 2)"),
