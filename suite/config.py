@@ -127,6 +127,38 @@ class RayConfig(_Strict):
     """Retries of a failing shard before the run stops and names it."""
 
 
+class AnalysisConfig(_Strict):
+    """Settings of ``exitbench analyze`` (the study's monotonicity and saturation analyses)."""
+
+    saturation_threshold: float = Field(default=0.9, gt=-1.0, le=1.0)
+    """A layer is saturated when its hidden state's cosine with the last layer's reaches this."""
+    top_k: int = Field(default=1000, ge=1)
+    """Easy / difficult sequences: the K with the highest / lowest mean similarity (capped at
+    half the sequences)."""
+    increasing_from: list[int] = Field(default_factory=lambda: [0, 4, 8])
+    """Start layers of the strictly-increasing-similarity indicators, given for a 24-layer
+    model and scaled to shallower ones."""
+    kinds: list[Literal["generated", "forced"]] = Field(default_factory=lambda: ["generated",
+                                                                                 "forced"])
+    """Trace kinds analysed: the model's own generations, reference-forced traces."""
+
+
+class OnlineConfig(_Strict):
+    """Settings of ``exitbench online`` / ``exitbench fidelity`` (real early-exit decoding)."""
+
+    thresholds: list[float] | None = None
+    """Thresholds decoded online per measure (each costs one decoding pass); ``None``: a few
+    of the measure's own sweep, evenly spread."""
+    num_thresholds: int = Field(default=4, ge=1)
+    """How many of the measure's sweep to take when ``thresholds`` is not set."""
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8])
+    repeats: int = Field(default=1, ge=1)
+    """Timed decoding passes per setting; the median is reported."""
+    profile: str | None = None
+    """Hardware profile whose predicted tokens/s the fidelity report sets beside the measured
+    ones; ``None``: the first of ``profiles``."""
+
+
 class SuiteConfig(_Strict):
     """A whole suite run."""
 
@@ -152,6 +184,8 @@ class SuiteConfig(_Strict):
     """Tokenizer for the backbones the suite trains (``models[].train``)."""
     leaderboard: bool = True
     """Build the static site into ``<output_dir>/site`` at the end of ``exitbench run``."""
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    online: OnlineConfig = Field(default_factory=OnlineConfig)
     extra: dict[str, Any] = Field(default_factory=dict)
     """Free-form settings for later stages (training, replay); kept in the manifest."""
 
@@ -226,7 +260,8 @@ def _model_for(loc: tuple[Any, ...]) -> type[BaseModel]:
             continue
         annotation = {"tasks": TaskConfig, "models": ModelConfig, "ray": RayConfig,
                       "measures": MeasureConfig, "tokenizer": TokenizerConfig,
-                      "train": TrainConfig}.get(str(item))
+                      "train": TrainConfig, "analysis": AnalysisConfig,
+                      "online": OnlineConfig}.get(str(item))
         if annotation is None:
             break
         model = annotation
@@ -277,5 +312,5 @@ def load_config(path: str | Path) -> SuiteConfig:
     return parse_config(data, str(path))
 
 
-__all__ = ["SuiteConfig", "TaskConfig", "ModelConfig", "MeasureConfig", "RayConfig", "load_config",
+__all__ = ["SuiteConfig", "AnalysisConfig", "OnlineConfig", "TaskConfig", "ModelConfig", "MeasureConfig", "RayConfig", "load_config",
            "parse_config", "ConfigError", "UnknownNameError"]
