@@ -154,6 +154,9 @@ class OnlineConfig(_Strict):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8])
     repeats: int = Field(default=1, ge=1)
     """Timed decoding passes per setting; the median is reported."""
+    threads: int | None = Field(default=None, ge=1)
+    """``torch.set_num_threads`` for the timed runs on the CPU (``None``: torch's default);
+    match the measured profile's threads when comparing with it."""
     profile: str | None = None
     """Hardware profile whose predicted tokens/s the fidelity report sets beside the measured
     ones; ``None``: the first of ``profiles``."""

@@ -73,6 +73,25 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
     return ids, mask
 
 
+def head_top2(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                              torch.Tensor]:
+    """``(probabilities, top-1 id, top-1 probability, top-2 probability)`` of exit logits
+    ``[..., V]``; probabilities in float32. Ties in the top probability break as the
+    logits' ``argmax`` breaks them (HF's greedy search), so every decoder of the suite picks
+    the same token."""
+    # softmax + top-2 of the probabilities: two fused passes over the logits (a logsumexp
+    # was 4x slower than softmax on CPU, profiled).
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    top2 = probs.topk(2, dim=-1)
+    ids = top2.indices[..., 0]
+    # softmax is monotone, so a unique top probability sits at the unique top logit; only
+    # where the top two probabilities tie do we ask the logits.
+    tied = top2.values[..., 0] == top2.values[..., 1]
+    if bool(tied.any()):
+        ids = torch.where(tied, logits.argmax(dim=-1), ids)
+    return probs, ids, top2.values[..., 0], top2.values[..., 1]
+
+
 def layer_statistics(adapter: DecoderAdapter, states: torch.Tensor) -> LayerStats:
     """Statistics of every layer for ``N`` tokens from ``states [L + 1, N, d]``: the decoder
     input embedding, then each layer's un-normed output. The exit heads of all layers run
@@ -88,20 +107,10 @@ def layer_statistics(adapter: DecoderAdapter, states: torch.Tensor) -> LayerStat
     for begin in range(0, num_tokens, chunk):
         # All layers share one head here; exit_logits(layer=-1) names "any layer".
         logits = adapter.exit_logits(-1, states[1:, begin:begin + chunk])
-        # softmax + top-2 of the probabilities: two fused passes over the logits (a
-        # logsumexp was 4x slower than softmax on CPU, profiled).
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        top2 = probs.topk(2, dim=-1)
-        ids = top2.indices[..., 0]
-        # softmax is monotone, so a unique top probability sits at the unique top logit;
-        # only where the top two probabilities tie do we ask the logits, with argmax, so
-        # that ties break exactly as HF's greedy search breaks them.
-        tied = top2.values[..., 0] == top2.values[..., 1]
-        if bool(tied.any()):
-            ids = torch.where(tied, logits.argmax(dim=-1), ids)
+        probs, ids, first, second = head_top2(logits)
         top1_id.append(ids)
-        top1_prob.append(top2.values[..., 0])
-        top2_prob.append(top2.values[..., 1])
+        top1_prob.append(first)
+        top2_prob.append(second)
         final = ids[-1:, :, None].expand(layers, -1, 1)
         final_prob.append(probs.gather(-1, final)[..., 0])
 
@@ -127,7 +136,7 @@ def _run_all_layers(adapter: DecoderAdapter, state, input_ids: torch.Tensor) -> 
 def greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor, max_new_tokens: int) -> DecodeOutput:
     """Greedy decoding through the layer loop, LM head at the last layer only."""
-    _check_steps(max_new_tokens)
+    check_max_new_tokens(max_new_tokens)
     state = adapter.start(input_ids, attention_mask)
     next_ids = state.first_input_ids
     alive = torch.ones(next_ids.shape[0], dtype=torch.bool, device=next_ids.device)
@@ -158,18 +167,18 @@ def _to_trace_arrays(stats: LayerStats, final_id: torch.Tensor, example_id: np.n
                        gold_id=gold_id.astype(np.int32), **fields)
 
 
-def _positions(counts: np.ndarray) -> np.ndarray:
+def positions_from_counts(counts: np.ndarray) -> np.ndarray:
     """``0..n-1`` for each row's count ``n``, concatenated."""
     starts = np.cumsum(counts) - counts
     return np.arange(int(counts.sum())) - np.repeat(starts, counts)
 
 
-def _check_steps(max_new_tokens: int) -> None:
+def check_max_new_tokens(max_new_tokens: int) -> None:
     if max_new_tokens < 1:
         raise ExitbenchError(f"max_new_tokens is {max_new_tokens}; it must be at least 1")
 
 
-def _check_ids(example_ids: Sequence[str], batch_size: int) -> np.ndarray:
+def check_example_ids(example_ids: Sequence[str], batch_size: int) -> np.ndarray:
     if len(example_ids) != batch_size:
         raise ValueError(f"{len(example_ids)} example ids for a batch of {batch_size} rows")
     return np.asarray([str(e) for e in example_ids], dtype=object)
@@ -181,8 +190,8 @@ def traced_greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
                          max_new_tokens: int) -> TraceArrays:
     """Greedy decoding that observes every layer of every step (see the module docstring).
     Rows come out in (example, position) order."""
-    ids = _check_ids(example_ids, input_ids.shape[0])
-    _check_steps(max_new_tokens)
+    ids = check_example_ids(example_ids, input_ids.shape[0])
+    check_max_new_tokens(max_new_tokens)
     state = adapter.start(input_ids, attention_mask)
     next_ids = state.first_input_ids
     batch = next_ids.shape[0]
@@ -204,7 +213,7 @@ def traced_greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
     stacked = LayerStats(**{name: torch.stack([getattr(s, name) for s in step_stats], 1)
                             [recorded] for name in LAYER_FIELDS})
     counts = recorded.sum(1).cpu().numpy()
-    position = _positions(counts)
+    position = positions_from_counts(counts)
     return _to_trace_arrays(stacked, stacked.top1_id[:, -1], np.repeat(ids, counts), position,
                             np.full(int(counts.sum()), -1))
 
@@ -231,11 +240,11 @@ def forced_traces(adapter: DecoderAdapter, input_ids: torch.Tensor,
     """Reference-forced traces: the model reads the gold target (EOS included) in one
     parallel pass; ``gold_id`` is the gold token at each position and ``final_id`` the
     last layer's argmax there."""
-    ids = _check_ids(example_ids, input_ids.shape[0])
+    ids = check_example_ids(example_ids, input_ids.shape[0])
     states, gold, lengths = _teacher_forced_states(adapter, input_ids, attention_mask, targets)
     stats = layer_statistics(adapter, states)
     counts = lengths.numpy()
-    position = _positions(counts)
+    position = positions_from_counts(counts)
     return _to_trace_arrays(stats, stats.top1_id[:, -1], np.repeat(ids, counts), position,
                             gold.cpu().numpy())
 
@@ -265,7 +274,7 @@ def rematerialise_hidden(adapter: DecoderAdapter, traces: TraceArrays,
     reproduces ``final_id``; the mismatch count is returned, not raised, since tiny float
     differences between cached and parallel attention can flip a near-tie."""
     starts, ends = traces.example_bounds()
-    if traces.num_tokens and np.any(traces.position != _positions(ends - starts)):
+    if traces.num_tokens and np.any(traces.position != positions_from_counts(ends - starts)):
         raise ExitbenchError("traces for hidden states must hold every position of each "
                              "example from 0, in order (take whole examples, not token subsets)")
     forced = traces.num_tokens > 0 and bool(np.all(traces.gold_id >= 0))

@@ -120,6 +120,19 @@ class DecoderAdapter(Protocol):
         the checkpoint's own final norm, scaling and LM head."""
         ...
 
+    def fill_layer(self, state: DecodeState, layer: int, hidden: torch.Tensor) -> None:
+        """Append to ``layer``'s self-attention cache the K/V that layer would compute from
+        ``hidden [B, T, d]`` (its norm and K/V projections only): CALM's propagation of an
+        exited state to the skipped layers."""
+        ...
+
+    def begin_catch_up(self, state: DecodeState, first_layer: int, num_queries: int) -> None:
+        """Prepare layers ``first_layer..L-1`` to run ``num_queries`` query tokens that end at
+        the current step: drop their last ``num_queries - 1`` cached positions (to be
+        recomputed) and set the masks and position biases for the multi-token pass. FREE's
+        synchronized parallel decoding of the tokens that skipped those layers."""
+        ...
+
 
 # -- T5 ---------------------------------------------------------------------------------------
 @dataclass
@@ -279,6 +292,44 @@ class T5Adapter:
         # One shared head for every layer, so ``layer`` is unused here; adapters of models
         # with per-layer heads would use it.
         return t5_exit_logits(self.model, hidden)
+
+    def fill_layer(self, state: T5DecodeState, layer: int, hidden: torch.Tensor) -> None:
+        attention_layer = self.blocks[layer].layer[0]
+        attention = attention_layer.SelfAttention
+        normed = attention_layer.layer_norm(hidden)
+        shape = (*hidden.shape[:-1], -1, attention.key_value_proj_dim)
+        keys = attention.k(normed).view(shape).transpose(1, 2)
+        values = attention.v(normed).view(shape).transpose(1, 2)
+        state.cache.self_attention_cache.update(keys, values, layer)
+
+    def begin_catch_up(self, state: T5DecodeState, first_layer: int, num_queries: int) -> None:
+        from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+        self_cache = state.cache.self_attention_cache
+        past = self_cache.get_seq_length(first_layer) - (num_queries - 1)
+        if num_queries > 1:
+            for layer in range(first_layer, self.num_layers):
+                # keep the first ``past`` positions (DynamicLayer.crop's sign convention
+                # changed across transformers versions; slicing does not)
+                cached = self_cache.layers[layer]
+                cached.keys = cached.keys[..., :past, :]
+                cached.values = cached.values[..., :past, :]
+        shape = (state.first_input_ids.shape[0], num_queries, self.dims.d_model)
+        probe = torch.empty(shape, dtype=self.dtype, device=self.device)
+        state.self_mask = create_causal_mask(config=self.decoder_config, inputs_embeds=probe,
+                                             attention_mask=None, cache=self_cache,
+                                             layer_idx=first_layer)
+        if num_queries not in state._cross_masks:
+            state._cross_masks[num_queries] = create_bidirectional_mask(
+                config=self.decoder_config, inputs_embeds=probe,
+                attention_mask=state.encoder_attention_mask,
+                encoder_hidden_states=state.encoder_hidden)
+        state.cross_mask = state._cross_masks[num_queries]
+        # Block 0 holds T5's only relative attention bias; the deferred queries sit at
+        # positions past..past + num_queries - 1.
+        state.position_bias = self.blocks[0].layer[0].SelfAttention.compute_bias(
+            num_queries, past + num_queries, device=self.device, past_seen_tokens=past)
+        state.cross_position_bias = None  # the first block run computes its zeros
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Decoder input embeddings (what layer 0 reads; T5 does not scale them)."""

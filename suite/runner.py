@@ -411,7 +411,9 @@ def _store_group(out: dict, todo, cache, report: StageReport, bar, scored: int,
 
 
 def collect_results(config: SuiteConfig) -> list:
-    """Rows of every part of this config, in config order."""
+    """Rows of every part of this config, in config order: replayed rows, then the rows
+    measured online (``exitbench online``/``fidelity``) when there are any."""
+    from suite.fidelity import read_online_rows
     from suite.results import ResultRow
 
     names = {f.name for f in dataclasses.fields(ResultRow)}
@@ -424,7 +426,19 @@ def collect_results(config: SuiteConfig) -> list:
                     continue
                 for row in json.loads(path.read_text("utf-8"))["rows"]:
                     rows.append(ResultRow(**{k: v for k, v in row.items() if k in names}))
-    return rows
+    return rows + read_online_rows(config)
+
+
+def publish_results(config: SuiteConfig) -> int:
+    """Write ``results/`` (Parquet, JSON, fronts) from every stored part; return the rows."""
+    from suite.fronts import fronts_summary
+    from suite.results import write_results
+
+    rows = collect_results(config)
+    results_dir = Path(config.output_dir) / "results"
+    write_results(results_dir, rows, {"run": config.name, "versions": versions()})
+    atomic_write_json(results_dir / "fronts.json", fronts_summary(rows))
+    return len(rows)
 
 
 # -- backbones --------------------------------------------------------------------------------------
@@ -579,9 +593,6 @@ def replay_suite(config: SuiteConfig, config_path: str | None = None, *,
                  summary: RunSummary | None = None) -> RunSummary:
     """Validate, fit, replay and publish over traces already recorded (``exitbench replay``;
     also the second half of :func:`run_suite`)."""
-    from suite.fronts import fronts_summary
-    from suite.results import write_results
-
     output = Path(config.output_dir)
     summary = summary or RunSummary(output_dir=output, stages=[])
     all_measures = config
@@ -599,11 +610,8 @@ def replay_suite(config: SuiteConfig, config_path: str | None = None, *,
                 ray.shutdown()
     if all_measures.measures:
         results_started = time.perf_counter()
-        rows = collect_results(config)
-        results_dir = output / "results"
-        write_results(results_dir, rows, {"run": config.name, "versions": versions()})
-        atomic_write_json(results_dir / "fronts.json", fronts_summary(rows))
-        summary.stages.append(StageReport("results", done=len(rows),
+        rows = publish_results(config)
+        summary.stages.append(StageReport("results", done=rows,
                                           seconds=time.perf_counter() - results_started))
     write_run_manifest(config, config_path, summary)
     if rows_exist(output) and (config.leaderboard if build_leaderboard is None

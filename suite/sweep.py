@@ -122,6 +122,40 @@ def instantiate(config: MeasureConfig) -> Measure:
                              f"accepted ({exc})") from exc
 
 
+class HiddenStateLoader:
+    """Traces of a trace directory with every layer's hidden state, re-materialised once per
+    directory (:func:`suite.record.load_hidden_states`) and then reused."""
+
+    def __init__(self, model_path: str, data_dir: str | None):
+        self.model_path = model_path
+        self.data_dir = data_dir
+        self._loaded: dict[Path, TraceArrays] = {}
+
+    def __call__(self, trace_dir: Path) -> TraceArrays:
+        if trace_dir not in self._loaded:
+            from suite.record import load_hidden_states
+
+            states = load_hidden_states(trace_dir, model_path=self.model_path,
+                                        data_dir=self.data_dir)
+            if states.mismatch_rate > 0:
+                logger.warning("%s: hidden-state pass reproduces %.3f%% of tokens differently",
+                               trace_dir, 100 * states.mismatch_rate)
+            self._loaded[trace_dir] = states.traces
+        return self._loaded[trace_dir]
+
+
+def fitted_measure(config: MeasureConfig, inputs: SweepInputs, hidden: HiddenStateLoader, *,
+                   fit_cache_dir: Path | None = None, seed: int = 0) -> Measure:
+    """The configured measure, fitted on the fit split's traces when it learns."""
+    measure = instantiate(config)
+    if measure.needs_fit:
+        if inputs.fit_trace_dir is None:
+            raise ExitbenchError(f"measure {config.display_name!r} must be fitted, but task "
+                                 f"{inputs.task.name!r} has no fit_split in the config")
+        measure.fit(hidden(inputs.fit_trace_dir), cache_dir=fit_cache_dir, seed=seed)
+    return measure
+
+
 def sweep(inputs: SweepInputs, measures: Sequence[MeasureConfig], profiles: Sequence[str],
           batch_sizes: Sequence[int], *, score_cache: ScoreCache | None = None,
           fit_cache_dir: Path | None = None, seed: int = 0) -> SweepReport:
@@ -179,32 +213,14 @@ def sweep(inputs: SweepInputs, measures: Sequence[MeasureConfig], profiles: Sequ
     costs = {p.name: operation_costs(p, info.dims, inputs.dtype, info.gated_ffn,
                                      info.num_encoder_layers) for p in loaded_profiles}
 
-    hidden_cache: dict[Path, TraceArrays] = {}
-
-    def with_hidden(trace_dir: Path) -> TraceArrays:
-        if trace_dir not in hidden_cache:
-            from suite.record import load_hidden_states
-
-            states = load_hidden_states(trace_dir, model_path=inputs.model.path,
-                                        data_dir=inputs.data_dir)
-            if states.mismatch_rate > 0:
-                logger.warning("%s: hidden-state pass reproduces %.3f%% of tokens differently",
-                               trace_dir, 100 * states.mismatch_rate)
-            hidden_cache[trace_dir] = states.traces
-        return hidden_cache[trace_dir]
-
+    hidden = HiddenStateLoader(inputs.model.path, inputs.data_dir)
     rows: list[ResultRow] = []
     per_measure: dict[str, float] = {}
     for config in measures:
         measure_started = time.perf_counter()
-        measure = instantiate(config)
+        measure = fitted_measure(config, inputs, hidden, fit_cache_dir=fit_cache_dir, seed=seed)
         name = config.display_name
-        if measure.needs_fit:
-            if inputs.fit_trace_dir is None:
-                raise ExitbenchError(f"measure {name!r} must be fitted, but task "
-                                     f"{inputs.task.name!r} has no fit_split in the config")
-            measure.fit(with_hidden(inputs.fit_trace_dir), cache_dir=fit_cache_dir, seed=seed)
-        scored = with_hidden(inputs.trace_dir) if "hidden" in measure.reads else traces
+        scored = hidden(inputs.trace_dir) if "hidden" in measure.reads else traces
         scores = measure.scores(scored)
         thresholds = np.asarray(config.thresholds if config.thresholds is not None
                                 else measure.thresholds_for(traces.num_layers), dtype=np.float64)

@@ -1,0 +1,561 @@
+"""Online measurement and the replay-fidelity report (``exitbench online`` / ``fidelity``).
+
+For one (task, model) and each configured measure, threshold and batch size:
+
+- **online**: the examples are decoded with real early exits (:mod:`suite.online`), timed
+  wall-clock on the config's device, and scored with the task metric. Each measure's
+  thresholds at a batch size are bracketed by a full-depth run of the same examples
+  (:func:`suite.decoding.greedy_decode`), so the realised speedup is a ratio of runs made
+  side by side (these machines are shared and noisy).
+- **replay**, when the model's generated traces of the same examples exist: the same
+  measure and threshold replayed over them (quality), priced by the cost model on the
+  chosen hardware profile (predicted tokens/s and speedup), and priced again with the exit
+  layers the online decoder actually took (separating the cost model's error from the
+  trajectory's divergence).
+- **divergence**: per example, the online output against the replayed one: the share of
+  token positions that differ, the examples that differ at all, and where they part (the
+  first differing position, and whether the exit decision there changed or only the
+  prediction at the same exit layer, i.e. the propagated state changed it).
+
+Rows are :class:`suite.results.ResultRow` with ``mode="online"`` and the replay figures in
+``extra``; they are stored per measure in ``<out>/online/<task>/<model>/<measure>.json``
+(keyed by everything they depend on, so a rerun reuses them) and merged into the run's
+results beside the replayed rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from suite.atomic import atomic_write_json
+from suite.config import MeasureConfig, ModelConfig, SuiteConfig, TaskConfig
+from suite.errors import ExitbenchError
+from suite.measures import Measure, code_hash
+from suite.online import ExitPolicy, OnlineRun, decode_examples
+from suite.results import ResultRow
+from suite.traces import TraceArrays
+
+logger = logging.getLogger(__name__)
+
+
+# -- divergence -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Divergence:
+    """Online outputs against replayed ones, example by example."""
+
+    token_rate: float
+    """Differing positions / all positions (a position only one output has differs)."""
+    examples_diverged: float
+    """Share of examples whose outputs differ anywhere."""
+    first_positions: list[int]
+    """First differing position of each diverged example."""
+    decision_changed: float
+    """Among diverged examples: share whose first differing token exited at another layer
+    online than in replay (the exit decision changed)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        positions = np.asarray(self.first_positions)
+        return {"token_rate": self.token_rate, "examples_diverged": self.examples_diverged,
+                "decision_changed": self.decision_changed,
+                "first_position_median": float(np.median(positions)) if positions.size else None,
+                "first_position_mean": float(positions.mean()) if positions.size else None}
+
+
+def divergence(online: Sequence[Sequence[int]], replayed: Sequence[Sequence[int]],
+               online_exits: Sequence[Sequence[int]] | None = None,
+               replayed_exits: Sequence[Sequence[int]] | None = None) -> Divergence:
+    """Compare per-example token lists (and, when given, the exit layers of each token)."""
+    if len(online) != len(replayed):
+        raise ValueError(f"{len(online)} online outputs but {len(replayed)} replayed ones")
+    differing = total = 0
+    first_positions: list[int] = []
+    changed = 0
+    for index, (a, b) in enumerate(zip(online, replayed)):  # per example, not per token
+        a, b = np.asarray(a), np.asarray(b)
+        common = min(a.size, b.size)
+        unequal = a[:common] != b[:common]
+        longest = max(a.size, b.size)
+        differing += int(unequal.sum()) + (longest - common)
+        total += longest
+        if unequal.any() or a.size != b.size:
+            first = int(np.argmax(unequal)) if unequal.any() else common
+            first_positions.append(first)
+            if online_exits is not None and replayed_exits is not None:
+                online_layers, replayed_layers = online_exits[index], replayed_exits[index]
+                if first < len(online_layers) and first < len(replayed_layers):
+                    changed += int(online_layers[first] != replayed_layers[first])
+    diverged = len(first_positions)
+    return Divergence(token_rate=differing / total if total else 0.0,
+                      examples_diverged=diverged / len(online) if online else 0.0,
+                      first_positions=first_positions,
+                      decision_changed=changed / diverged if diverged else 0.0)
+
+
+def per_example(traces: TraceArrays, values: np.ndarray) -> list[np.ndarray]:
+    """``values [T]`` split by example (row order)."""
+    starts, ends = traces.example_bounds()
+    return [values[s:e] for s, e in zip(starts, ends)]
+
+
+def cut_at_eos(sequences: Sequence[np.ndarray], eos_token_id: int) -> list[np.ndarray]:
+    """Each sequence up to (not including) its first EOS, as replay cuts its outputs."""
+    out = []
+    for ids in sequences:
+        hits = np.flatnonzero(np.asarray(ids) == eos_token_id)
+        out.append(np.asarray(ids)[:hits[0]] if hits.size else np.asarray(ids))
+    return out
+
+
+# -- thresholds -------------------------------------------------------------------------------
+def online_thresholds(config: SuiteConfig, measure_config: MeasureConfig, measure: Measure,
+                      num_layers: int) -> list[float]:
+    """The thresholds decoded online: the config's ``online.thresholds``, else
+    ``online.num_thresholds`` of the measure's sweep (config or its own), evenly spread and
+    always including both ends."""
+    if config.online.thresholds is not None:
+        return [float(t) for t in config.online.thresholds]
+    sweep = sorted(set(float(t) for t in (measure_config.thresholds if measure_config.thresholds
+                                          is not None else measure.thresholds_for(num_layers))))
+    count = min(config.online.num_thresholds, len(sweep))
+    picks = np.unique(np.round(np.linspace(0, len(sweep) - 1, count)).astype(int))
+    return [sweep[i] for i in picks]
+
+
+# -- the stored parts -------------------------------------------------------------------------
+def online_part_path(output_dir: str | Path, task: str, model: str, measure: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in measure)
+    return Path(output_dir) / "online" / task / model / f"{safe}.json"
+
+
+def _part_key(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_online_rows(config: SuiteConfig) -> list[ResultRow]:
+    """Every stored online row of this config's tasks, models and measures."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(ResultRow)}
+    rows = []
+    for task in config.tasks:
+        for model in config.models:
+            for measure in config.measures:
+                path = online_part_path(config.output_dir, task.name, model.name,
+                                        measure.display_name)
+                if path.is_file():
+                    for row in json.loads(path.read_text("utf-8"))["rows"]:
+                        rows.append(ResultRow(**{k: v for k, v in row.items() if k in names}))
+    return rows
+
+
+# -- one (task, model) ------------------------------------------------------------------------
+@dataclass
+class OnlineContext:
+    """What every measure of one (task, model) shares: model, examples, metric, traces."""
+
+    config: SuiteConfig
+    task_config: TaskConfig
+    model_config: ModelConfig
+    adapter: Any
+    tokenizer: Any
+    task: Any
+    examples: list
+    sources: list[list[int]]
+    references: list
+    traces: TraceArrays | None
+    """Generated traces of the same examples (``None``: no replay comparison)."""
+    traces_hash: str
+    model_hash: str
+    profile: Any
+    quality_cache: dict[str, dict]
+
+    @property
+    def example_ids(self) -> list[str]:
+        return [e.id for e in self.examples]
+
+    def quality(self, sequences: Sequence[Sequence[int]]) -> dict:
+        from suite.metrics import get_metric
+        from suite.replay import outputs_hash
+
+        texts = [t.strip() for t in self.tokenizer.batch_decode(
+            [list(map(int, s)) for s in sequences], skip_special_tokens=True)]
+        key = outputs_hash(texts)
+        if key not in self.quality_cache:
+            result = get_metric(self.task.metric)(texts, self.references)
+            self.quality_cache[key] = {"scores": result.scores, "primary": result.primary}
+        return self.quality_cache[key]
+
+
+def open_context(config: SuiteConfig, task_config: TaskConfig, model_config: ModelConfig
+                 ) -> OnlineContext:
+    from suite.models import load_adapter, load_tokenizer, resolve_model_folder, weights_sha256
+    from suite.profiles import get_profile
+    from suite.record import encode_texts
+    from suite.runner import trace_dir
+    from suite.tasks import get_task, load_examples
+    from suite.traces import TraceStore, sha256_file
+
+    task = get_task(task_config.name).with_limits(
+        max_source_tokens=task_config.max_source_tokens,
+        max_target_tokens=task_config.max_target_tokens,
+        max_new_tokens=task_config.max_new_tokens)
+    examples = load_examples(task, task_config.split, config.data_dir, task_config.limit)
+    if not examples:
+        raise ExitbenchError(f"task {task.name}: split {task_config.split!r} has no examples")
+    adapter = load_adapter(model_config.path, device=config.device, dtype=config.dtype)
+    tokenizer = load_tokenizer(model_config.path)
+    sources = encode_texts(tokenizer, [e.source for e in examples],
+                           task.limits.max_source_tokens, adapter.eos_token_id)
+    model_hash = weights_sha256(resolve_model_folder(model_config.path))
+    store = TraceStore(trace_dir(config.output_dir, task.name, model_config.name))
+    traces, traces_hash = None, ""
+    if store.exists():
+        manifest = store.read_manifest()
+        loaded = store.load()
+        if manifest.model_hash != model_hash:
+            logger.warning("%s: traces were recorded with other weights; no replay comparison",
+                           store.root)
+        elif loaded.example_ids() != [e.id for e in examples]:
+            logger.warning("%s: traces hold other examples; no replay comparison", store.root)
+        else:
+            traces, traces_hash = loaded, sha256_file(store.manifest_path)
+    profile_name = config.online.profile or (config.profiles[0] if config.profiles else None)
+    profile = get_profile(profile_name) if profile_name else None
+    return OnlineContext(config=config, task_config=task_config, model_config=model_config,
+                         adapter=adapter, tokenizer=tokenizer, task=task, examples=examples,
+                         sources=sources, references=[e.references for e in examples],
+                         traces=traces, traces_hash=traces_hash, model_hash=model_hash,
+                         profile=profile, quality_cache={})
+
+
+def _timed(ctx: OnlineContext, batch_size: int, policy: ExitPolicy | None,
+           repeats: int) -> tuple[OnlineRun, float]:
+    """Decode the context's examples ``repeats`` times; the first run and the median
+    seconds."""
+    runs = [decode_examples(ctx.adapter, ctx.sources, ctx.example_ids, batch_size,
+                            ctx.task.limits.max_new_tokens, policy) for _ in range(repeats)]
+    return runs[0], float(np.median([r.seconds for r in runs]))
+
+
+def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Decode, time, score and compare one measure at its online thresholds and every
+    online batch size; returns the stored part (rows and the fidelity entries)."""
+    from suite.cost import example_index_from_ids, operation_costs, price_replay
+    from suite.replay import replay, replayed_tokens
+    from suite.sweep import HiddenStateLoader, SweepInputs, fitted_measure, model_info
+
+    config, adapter = ctx.config, ctx.adapter
+    num_layers = adapter.num_layers
+    name = measure_config.display_name
+    fit_dir = _fit_dir(config, ctx.task_config, ctx.model_config)
+    inputs = SweepInputs(task=ctx.task, split=ctx.task_config.split, model=ctx.model_config,
+                         trace_dir=Path(), data_dir=config.data_dir,
+                         limit=ctx.task_config.limit, fit_trace_dir=fit_dir, dtype=config.dtype)
+    hidden = HiddenStateLoader(ctx.model_config.path, config.data_dir)
+    measure = fitted_measure(measure_config, inputs, hidden,
+                             fit_cache_dir=Path(config.output_dir) / "measures", seed=config.seed)
+    ExitPolicy(measure, 0.0, measure_config.min_layer).check(num_layers)
+    thresholds = online_thresholds(config, measure_config, measure, num_layers)
+    eos = adapter.eos_token_id
+    info = model_info(ctx.model_config.path)
+
+    replay_exits = replay_rows = None
+    if ctx.traces is not None:
+        traces = hidden(_eval_dir(config, ctx)) if "hidden" in measure.reads else ctx.traces
+        replay_exits = replay(measure.scores(traces), thresholds, measure_config.min_layer).exits
+        replay_rows = replayed_tokens(ctx.traces, replay_exits)
+        example_index = example_index_from_ids(ctx.traces.example_id)
+    costs = (operation_costs(ctx.profile, info.dims, config.dtype, info.gated_ffn,
+                             info.num_encoder_layers) if ctx.profile is not None else None)
+    source_len = np.array([len(s) for s in ctx.sources])
+
+    rows, entries = [], []
+    for batch_size in config.online.batch_sizes:
+        full, full_seconds = _timed(ctx, batch_size, None, config.online.repeats)
+        full_sequences = per_example(full.traces, full.traces.final_id)
+        full_quality = ctx.quality(cut_at_eos(full_sequences, eos))
+        full_tps = full.num_tokens / full_seconds
+        for k, threshold in enumerate(thresholds):
+            if progress:
+                progress(f"{name} threshold {threshold:g} batch {batch_size}")
+            policy = ExitPolicy(measure, threshold, measure_config.min_layer)
+            run, seconds = _timed(ctx, batch_size, policy, config.online.repeats)
+            online_sequences = per_example(run.traces, run.traces.final_id)
+            quality = ctx.quality(cut_at_eos(online_sequences, eos))
+            primary = quality["primary"]
+            exit_layer = run.traces.exit_layer
+            tokens_per_s = run.num_tokens / seconds
+            agreement = _agreement(online_sequences, full_sequences)
+            entry: dict[str, Any] = {
+                "measure": name, "threshold": threshold, "batch_size": batch_size,
+                "online_quality": quality["scores"][primary], "metric": primary,
+                "full_depth_quality": full_quality["scores"][primary],
+                "online_tokens_per_s": tokens_per_s, "full_depth_tokens_per_s": full_tps,
+                "realised_speedup": tokens_per_s / full_tps,
+                "online_tokens": run.num_tokens, "online_mean_layers": float(exit_layer.mean() + 1),
+            }
+            if costs is not None:
+                online_index = example_index_from_ids(run.traces.example_id)
+                priced_online = price_replay(
+                    costs, info.dims, exit_layer.astype(np.int64), online_index,
+                    run.traces.position, source_len, batch_size, measure.check_cost(info.dims),
+                    measure.checked_layers(num_layers), measure_config.min_layer,
+                    measure.propagation, measure_name=measure_config.name)
+                entry.update(profile=ctx.profile.name,
+                             predicted_speedup_online_exits=float(priced_online.speedup[0]),
+                             predicted_tokens_per_s_online_exits=float(
+                                 priced_online.tokens_per_s[0]))
+            if replay_rows is not None:
+                replayed = per_example(ctx.traces, replay_rows[k])
+                replay_quality = ctx.quality(cut_at_eos(replayed, eos))
+                gap = divergence(cut_at_eos(online_sequences, eos), cut_at_eos(replayed, eos),
+                                 per_example(run.traces, exit_layer),
+                                 per_example(ctx.traces, replay_exits[k]))
+                entry.update(replay_quality=replay_quality["scores"][primary],
+                             quality_difference=entry["online_quality"]
+                             - replay_quality["scores"][primary],
+                             replay_mean_layers=float(replay_exits[k].mean() + 1),
+                             divergence=gap.to_dict())
+                if costs is not None:
+                    priced = price_replay(
+                        costs, info.dims, replay_exits[k:k + 1].astype(np.int64), example_index,
+                        ctx.traces.position, source_len, batch_size,
+                        measure.check_cost(info.dims), measure.checked_layers(num_layers),
+                        measure_config.min_layer, measure.propagation,
+                        measure_name=measure_config.name)
+                    entry.update(predicted_tokens_per_s=float(priced.tokens_per_s[0]),
+                                 predicted_speedup=float(priced.speedup[0]),
+                                 predicted_full_depth_tokens_per_s=float(
+                                     ctx.traces.num_tokens / priced.full_depth_seconds))
+                    entry["throughput_error"] = (entry["predicted_tokens_per_s"]
+                                                 / tokens_per_s - 1.0)
+                    entry["realised_over_predicted"] = (entry["realised_speedup"]
+                                                        / entry["predicted_speedup"])
+            entries.append(entry)
+            rows.append(ResultRow(
+                task=ctx.task.name, split=ctx.task_config.split, model=ctx.model_config.name,
+                model_label=ctx.model_config.label or ctx.model_config.name, measure=name,
+                measure_options=json.dumps(measure_config.options, sort_keys=True),
+                deployable=True, threshold=float(threshold), min_layer=measure_config.min_layer,
+                profile=ctx.profile.name if ctx.profile is not None else f"online-{config.device}",
+                profile_kind=ctx.profile.kind if ctx.profile is not None else "measured",
+                batch_size=int(batch_size), mode="online", metric=primary,
+                quality=float(quality["scores"][primary]),
+                quality_full_depth=float(full_quality["scores"][primary]),
+                scores={k2: float(v) for k2, v in quality["scores"].items()},
+                mean_layers_used=float(exit_layer.mean() + 1), num_layers=num_layers,
+                token_agreement=agreement,
+                exit_histogram=[float(x) for x in np.bincount(
+                    exit_layer, minlength=num_layers) / max(1, exit_layer.size)],
+                tokens_per_s=float(tokens_per_s), full_depth_tokens_per_s=float(full_tps),
+                speedup=float(tokens_per_s / full_tps), num_examples=len(ctx.examples),
+                num_tokens=int(run.num_tokens), traces_hash=ctx.traces_hash,
+                measure_code_hash=code_hash(type(measure)),
+                extra={"model_dims": info.dims.__dict__, "device": config.device,
+                       "measured_on": _machine(), "repeats": config.online.repeats,
+                       "fidelity": {k2: v for k2, v in entry.items()
+                                    if k2 not in ("measure", "threshold", "batch_size")}}))
+    return {"rows": [r.to_dict() for r in rows], "fidelity": entries}
+
+
+def _agreement(online: list[np.ndarray], full: list[np.ndarray]) -> float:
+    """Share of online tokens equal to the full-depth token at the same position."""
+    same = total = 0
+    for a, b in zip(online, full):
+        common = min(len(a), len(b))
+        same += int(np.sum(np.asarray(a[:common]) == np.asarray(b[:common])))
+        total += len(a)
+    return same / total if total else 1.0
+
+
+def _machine() -> str:
+    return f"{platform.machine()} {platform.processor() or platform.system()}".strip()
+
+
+def _fit_dir(config: SuiteConfig, task: TaskConfig, model: ModelConfig) -> Path | None:
+    from suite.runner import trace_dir
+
+    directory = trace_dir(config.output_dir, task.name, model.name, "fit")
+    return directory if (directory / "manifest.json").is_file() else None
+
+
+def _eval_dir(config: SuiteConfig, ctx: OnlineContext) -> Path:
+    from suite.runner import trace_dir
+
+    return trace_dir(config.output_dir, ctx.task.name, ctx.model_config.name)
+
+
+def part_key(ctx: OnlineContext, measure_config: MeasureConfig) -> str:
+    import torch
+
+    from suite import __version__
+    from suite.measures import get_measure
+
+    return _part_key({
+        "model": ctx.model_hash, "traces": ctx.traces_hash,
+        "examples": ctx.example_ids, "task": ctx.task_config.model_dump(mode="json"),
+        "measure": measure_config.model_dump(mode="json"),
+        "code": code_hash(get_measure(measure_config.name)),
+        "online": ctx.config.online.model_dump(mode="json"),
+        "profile": ctx.profile.model_dump(mode="json") if ctx.profile is not None else None,
+        "device": ctx.config.device, "dtype": ctx.config.dtype, "seed": ctx.config.seed,
+        "threads": torch.get_num_threads(), "suite": __version__})
+
+
+@dataclass
+class OnlineReport:
+    parts_done: int = 0
+    parts_reused: int = 0
+    errors: dict[str, str] | None = None
+    seconds: float = 0.0
+
+
+def run_online(config: SuiteConfig, *, progress: bool = True) -> OnlineReport:
+    """Measure every (task, model, measure) of the config online, reusing stored parts."""
+    import torch
+
+    if not config.models or not config.measures:
+        raise ExitbenchError("online decoding needs models and measures in the config")
+    if config.online.threads is not None:
+        torch.set_num_threads(config.online.threads)
+    report = OnlineReport(errors={})
+    started = time.perf_counter()
+    for task in config.tasks:
+        for model in config.models:
+            ctx = open_context(config, task, model)
+            for measure in config.measures:
+                path = online_part_path(config.output_dir, task.name, model.name,
+                                        measure.display_name)
+                label = f"{task.name}/{model.name}/{measure.display_name}"
+                try:
+                    key = part_key(ctx, measure)
+                    if path.is_file() and json.loads(path.read_text("utf-8")).get("key") == key:
+                        report.parts_reused += 1
+                        continue
+                    say = (lambda what, label=label: print(f"  online {label}: {what}",
+                                                           flush=True)) if progress else None
+                    part = measure_online(ctx, measure, progress=say)
+                except ExitbenchError as exc:  # one measure's failure must not lose the others
+                    report.errors[label] = str(exc)
+                    print(f"  online {label}: skipped: {exc}", flush=True)
+                    continue
+                atomic_write_json(path, {"key": key, **part})
+                report.parts_done += 1
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def fidelity_entries(config: SuiteConfig) -> list[dict[str, Any]]:
+    """The stored fidelity entries of this config, with task and model."""
+    entries = []
+    for task in config.tasks:
+        for model in config.models:
+            for measure in config.measures:
+                path = online_part_path(config.output_dir, task.name, model.name,
+                                        measure.display_name)
+                if path.is_file():
+                    for entry in json.loads(path.read_text("utf-8"))["fidelity"]:
+                        entries.append({"task": task.name, "model": model.name, **entry})
+    return entries
+
+
+def fidelity_summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (task, measure, batch size): mean |quality difference|, mean |throughput error|,
+    realised / predicted speedup (points with a predicted speedup above 1.05 only: at a
+    predicted 1.0 the ratio measures noise), mean divergence rate."""
+    groups: dict[tuple, list[dict]] = {}
+    for entry in entries:
+        groups.setdefault((entry["task"], entry["model"], entry["measure"],
+                           entry["batch_size"]), []).append(entry)
+    summary = []
+    for (task, model, measure, batch), group in sorted(groups.items()):
+        with_replay = [e for e in group if "replay_quality" in e]
+        priced = [e for e in with_replay if "predicted_speedup" in e]
+        speeding = [e for e in priced if e["predicted_speedup"] > 1.05]
+        summary.append({
+            "task": task, "model": model, "measure": measure, "batch_size": batch,
+            "points": len(group),
+            "mean_abs_quality_difference": _mean([abs(e["quality_difference"])
+                                                  for e in with_replay]),
+            "mean_abs_throughput_error": _mean([abs(e["throughput_error"]) for e in priced]),
+            "realised_over_predicted_speedup": _mean([e["realised_over_predicted"]
+                                                      for e in speeding]),
+            "mean_token_divergence": _mean([e["divergence"]["token_rate"]
+                                            for e in with_replay]),
+        })
+    return {"groups": summary}
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def write_fidelity_report(config: SuiteConfig, out_dir: Path) -> Path:
+    """``fidelity.json`` (every point and the summary) and ``fidelity.md`` (tables)."""
+    entries = fidelity_entries(config)
+    summary = fidelity_summary(entries)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "fidelity.json", {"points": entries, **summary,
+                                                   "device": config.device,
+                                                   "machine": _machine()})
+    from suite.atomic import atomic_write_text
+
+    atomic_write_text(out_dir / "fidelity.md", render_markdown(entries, summary, config))
+    return out_dir / "fidelity.md"
+
+
+def _fmt(value: Any, pattern: str = "{:.2f}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def render_markdown(entries: list[dict[str, Any]], summary: dict[str, Any],
+                    config: SuiteConfig) -> str:
+    lines = [f"# Replay fidelity: {config.name}", "",
+             f"Online early-exit decoding on `{config.device}` ({_machine()}), "
+             f"{config.online.repeats} timed run(s) per point (median), against replay over the "
+             "recorded full-depth traces priced on the profile named per point. Models: "
+             + "; ".join(f"{m.name}: {m.label or m.path}" for m in config.models) + ".", "",
+             "## Per point", "",
+             "| task | measure | threshold | batch | quality online | replay | diff | "
+             "tokens/s online | predicted | error | speedup realised | predicted | "
+             "realised/predicted | token divergence | examples diverged | decision changed |",
+             "|" + "---|" * 16]
+    for e in entries:
+        div = e.get("divergence", {})
+        lines.append("| " + " | ".join([
+            e["task"], e["measure"], f"{e['threshold']:g}", str(e["batch_size"]),
+            _fmt(e["online_quality"]), _fmt(e.get("replay_quality")),
+            _fmt(e.get("quality_difference"), "{:+.2f}"), _fmt(e["online_tokens_per_s"], "{:.1f}"),
+            _fmt(e.get("predicted_tokens_per_s"), "{:.1f}"),
+            _fmt(e.get("throughput_error"), "{:+.1%}"), _fmt(e["realised_speedup"]),
+            _fmt(e.get("predicted_speedup")), _fmt(e.get("realised_over_predicted"), "{:.0%}"),
+            _fmt(div.get("token_rate"), "{:.1%}"), _fmt(div.get("examples_diverged"), "{:.0%}"),
+            _fmt(div.get("decision_changed"), "{:.0%}")]) + " |")
+    lines += ["", "## Per measure and batch size", "",
+              "| task | model | measure | batch | points | mean abs quality diff | "
+              "mean abs throughput error | realised/predicted speedup (predicted > 1.05) | "
+              "mean token divergence |", "|" + "---|" * 9]
+    for g in summary["groups"]:
+        lines.append("| " + " | ".join([
+            g["task"], g["model"], g["measure"], str(g["batch_size"]), str(g["points"]),
+            _fmt(g["mean_abs_quality_difference"]),
+            _fmt(g["mean_abs_throughput_error"], "{:.1%}"),
+            _fmt(g["realised_over_predicted_speedup"], "{:.0%}"),
+            _fmt(g["mean_token_divergence"], "{:.1%}")]) + " |")
+    lines += ["", "Quality in the task's primary metric (percent). Throughput error = "
+              "predicted / measured tokens/s - 1. Token divergence = share of positions where "
+              "the online output differs from the replayed one; 'decision changed' = share of "
+              "diverged examples whose first differing token exited at another layer online.",
+              ""]
+    return "\n".join(lines)

@@ -1,0 +1,257 @@
+"""Online early-exit decoding (suite/online.py) and the fidelity helpers (suite/fidelity.py).
+
+A random tiny T5 (random weights, test use only) whose layers disagree, so that exits at
+different layers give different tokens and the checks below can fail."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from suite.decoding import greedy_decode, pad_batch, traced_greedy_decode
+from suite.errors import ExitbenchError
+from suite.fidelity import cut_at_eos, divergence, online_thresholds
+from suite.measures import get_measure
+from suite.models import T5Adapter, random_t5, t5_exit_logits
+from suite.online import ExitPolicy, decode_examples, online_greedy_decode
+
+TINY = {"vocab_size": 512, "d_model": 64, "d_ff": 128, "num_layers": 4, "num_decoder_layers": 4,
+        "num_heads": 4, "d_kv": 16}
+STEPS = 20
+IDS = list("abcd")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    adapter = T5Adapter(random_t5(seed=1, **TINY))
+    generator = torch.Generator().manual_seed(0)
+    sources = [torch.randint(2, 512, (n,), generator=generator).tolist() + [1]
+               for n in (5, 9, 7, 12)]
+    ids, mask = pad_batch(sources, 0)
+    traces = traced_greedy_decode(adapter, ids, mask, IDS, STEPS)
+    return {"adapter": adapter, "sources": sources, "ids": ids, "mask": mask, "traces": traces}
+
+
+def policy(name, threshold, min_layer=0, **options):
+    return ExitPolicy(get_measure(name)(**options), threshold, min_layer)
+
+
+@pytest.mark.parametrize("name,options", [("softmax_margin", {}), ("hidden_state_saturation", {}),
+                                          ("free_shallow_deep", {"shallow_layer": 1}),
+                                          ("top1_rising_heuristic", {})])
+def test_a_threshold_that_never_exits_reproduces_full_depth_greedy_output(setup, name, options):
+    reference = greedy_decode(setup["adapter"], setup["ids"], setup["mask"], STEPS)
+    out = online_greedy_decode(setup["adapter"], setup["ids"], setup["mask"], IDS, STEPS,
+                               policy(name, float("inf"), **options))
+    assert np.array_equal(out.decoded.token_ids, reference.token_ids)
+    assert np.all(out.traces.exit_layer == TINY["num_decoder_layers"] - 1)
+    assert np.array_equal(out.traces.final_id, setup["traces"].final_id)
+
+
+# thresholds chosen (from the traces' score quantiles) so that exits are mixed across layers
+@pytest.mark.parametrize("name,threshold,options", [
+    ("softmax_margin", 0.02, {}), ("free_shallow_deep", 0.03, {"shallow_layer": 1}),
+    ("free_shallow_deep", 0.03, {"shallow_layer": 0}), ("hidden_state_saturation", 0.85, {})])
+def test_batched_and_batch_1_decoding_agree(setup, name, threshold, options):
+    exit_policy = policy(name, threshold, **options)
+    batched = online_greedy_decode(setup["adapter"], setup["ids"], setup["mask"], IDS, STEPS,
+                                   exit_policy)
+    exits = np.bincount(batched.traces.exit_layer, minlength=4)
+    assert exits[-1] > 0 and exits[:-1].sum() > 0, f"exits not mixed: {exits}"
+    for row, source in enumerate(setup["sources"]):
+        ids, mask = pad_batch([source], 0)
+        single = online_greedy_decode(setup["adapter"], ids, mask, [IDS[row]], STEPS,
+                                      exit_policy)
+        mine = batched.traces.example_id == IDS[row]
+        assert single.decoded.rows()[0].tolist() == batched.decoded.rows()[row].tolist()
+        assert np.array_equal(single.traces.exit_layer, batched.traces.exit_layer[mine])
+    # and the early exits changed the output (otherwise this test would prove little)
+    assert not np.array_equal(batched.traces.final_id, setup["traces"].final_id)
+
+
+def _hf_states(adapter, ids, mask, tokens):
+    """HF's own teacher-forced pass over ``tokens``: every layer's hidden state."""
+    model = adapter.model
+    decoder_inputs = torch.tensor([[adapter.decoder_start_token_id, *tokens[:-1]]])
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_inputs,
+                    output_hidden_states=True, use_cache=False)
+    return out.decoder_hidden_states, out.logits
+
+
+@pytest.mark.parametrize("min_layer", [0, 1, 2])
+def test_always_exiting_at_min_layer_matches_a_hand_built_reference(setup, min_layer):
+    """Every token exits at min_layer: the output is the greedy output of the first
+    min_layer + 1 layers and the exit head, and each skipped layer's cache holds its own K/V
+    projections of the exited (propagated) state."""
+    adapter = setup["adapter"]
+    ids, mask = pad_batch([setup["sources"][1]], 0)
+    out = online_greedy_decode(adapter, ids, mask, ["b"], STEPS,
+                               policy("static_layer", 0.0, min_layer))
+    tokens = out.decoded.rows()[0].tolist()
+    assert np.all(out.traces.exit_layer == min_layer)
+    # reference: grow the output one token at a time with HF's parallel pass, reading the
+    # state after block min_layer (un-normed: not the last entry) through the exit head
+    reference = []
+    for _ in range(len(tokens)):
+        states, _ = _hf_states(adapter, ids, mask, [*reference, 0])
+        with torch.inference_mode():
+            logits = t5_exit_logits(adapter.model, states[min_layer + 1][0, -1])
+        reference.append(int(logits.argmax()))
+        if reference[-1] == adapter.eos_token_id:
+            break
+    assert tokens == reference
+    # propagation: the cache of every skipped layer j holds k_j(norm_j(h_min_layer))
+    states, _ = _hf_states(adapter, ids, mask, tokens)
+    exited = states[min_layer + 1][0]  # [T, d]
+    cache = out.state.cache.self_attention_cache
+    for layer in range(min_layer + 1, TINY["num_decoder_layers"]):
+        attention = adapter.blocks[layer].layer[0]
+        with torch.inference_mode():
+            keys = attention.SelfAttention.k(attention.layer_norm(exited))
+        cached = cache.layers[layer].keys[0].transpose(0, 1).reshape(len(tokens), -1)
+        torch.testing.assert_close(cached, keys, rtol=1e-4, atol=1e-5)
+
+
+def test_free_outputs_match_a_full_parallel_pass_over_the_emitted_tokens(setup):
+    """FREE's synchronized parallel decoding gives skipped tokens their real deep K/V before
+    a deep token reads them, so every token equals HF's parallel pass over the emitted
+    prefix: the shallow layer's prediction where it exited, the last layer's elsewhere."""
+    adapter, shallow, last = setup["adapter"], 1, TINY["num_decoder_layers"] - 1
+    mixed = 0
+    for source in setup["sources"]:
+        ids, mask = pad_batch([source], 0)
+        for threshold in (0.03, 0.05):
+            out = online_greedy_decode(adapter, ids, mask, ["x"], STEPS,
+                                       policy("free_shallow_deep", threshold,
+                                              shallow_layer=shallow))
+            tokens = out.decoded.rows()[0].tolist()
+            exits = out.traces.exit_layer
+            assert set(exits.tolist()) <= {shallow, last}
+            mixed += len(set(exits.tolist())) == 2
+            states, logits = _hf_states(adapter, ids, mask, tokens)
+            with torch.inference_mode():
+                shallow_pred = t5_exit_logits(adapter.model, states[shallow + 1][0]).argmax(-1)
+            expected = torch.where(torch.from_numpy(exits == shallow), shallow_pred,
+                                   logits[0].argmax(-1))
+            assert tokens == expected.tolist()
+    assert mixed >= 2, "too few decodes mixed shallow and deep tokens to test catch-up"
+
+
+def test_online_traces_hold_what_was_computed(setup):
+    out = online_greedy_decode(setup["adapter"], setup["ids"], setup["mask"], IDS, STEPS,
+                               policy("softmax_margin", 0.02))
+    traces = out.traces
+    traces.validate()
+    rows = np.arange(traces.num_tokens)
+    exited_early = traces.exit_layer < 3
+    # at the exit layer the head ran: the emitted token is its top-1
+    assert np.array_equal(traces.top1_id[rows, traces.exit_layer][exited_early],
+                          traces.final_id[exited_early])
+    assert np.all(np.isnan(traces.cos_last)) and np.all(np.isnan(traces.final_prob))
+
+
+def test_decode_examples_batches_and_full_depth_baseline(setup):
+    adapter, sources = setup["adapter"], setup["sources"]
+    full = decode_examples(adapter, sources, IDS, 3, STEPS, None)
+    online = decode_examples(adapter, sources, IDS, 3, STEPS, policy("softmax_margin", 9.0))
+    assert np.array_equal(full.traces.final_id, online.traces.final_id)
+    assert full.traces.example_ids() == IDS and full.seconds > 0
+    assert full.num_tokens == setup["traces"].num_tokens
+
+
+def test_policies_that_cannot_run_online_say_why():
+    with pytest.raises(ExitbenchError, match="not deployable"):
+        policy("oracle", 0.5).check(4)
+    with pytest.raises(ExitbenchError, match="min_layer 4"):
+        policy("softmax_margin", 0.5, min_layer=4).check(4)
+
+
+def test_divergence_counts_positions_first_differences_and_changed_decisions():
+    online = [[1, 2, 3], [4, 5], [7, 8, 9]]
+    replayed = [[1, 2, 3], [4, 6, 6], [7, 0, 9]]
+    exits_online = [[0, 0, 0], [1, 1], [2, 3, 3]]
+    exits_replay = [[0, 0, 0], [1, 1, 1], [2, 2, 3]]
+    gap = divergence(online, replayed, exits_online, exits_replay)
+    assert gap.token_rate == pytest.approx(3 / 9)  # [4,5] vs [4,6,6]: 2; [7,8,9] vs [7,0,9]: 1
+    assert gap.examples_diverged == pytest.approx(2 / 3)
+    assert gap.first_positions == [1, 1]
+    assert gap.decision_changed == pytest.approx(1 / 2)  # example 3 exited at 3 online, 2 replay
+    assert divergence([[1]], [[1, 2]]).first_positions == [1]
+    assert [c.tolist() for c in cut_at_eos([np.array([3, 1, 4]), np.array([5])], 1)] == [[3], [5]]
+
+
+def test_online_thresholds_spread_over_the_sweep():
+    from suite.config import parse_config
+
+    config = parse_config({"tasks": [{"name": "squad"}], "online": {"num_thresholds": 3}})
+    measure = get_measure("static_layer")()
+    from suite.config import MeasureConfig
+
+    picked = online_thresholds(config, MeasureConfig(name="static_layer"), measure, 6)
+    assert picked == [1 / 6, 4 / 6, 1.0] or picked == pytest.approx([1 / 6, 0.5, 1.0]) \
+        or len(picked) == 3 and picked[0] == pytest.approx(1 / 6) and picked[-1] == 1.0
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, samples_dir):
+    """A random tiny T5 with a SentencePiece tokenizer trained on the SQuAD sample, saved
+    like a backbone the suite trains (random weights: test use only)."""
+    from suite.tokenizer import (
+        TokenizerSettings,
+        copy_tokenizer_files,
+        load_tokenizer,
+        task_texts,
+        train_tokenizer,
+    )
+
+    root = tmp_path_factory.mktemp("online-backbone")
+    texts, _ = task_texts(["squad"], "validation[:150]", samples_dir)
+    heldout, _ = task_texts(["squad"], "validation[150:170]", samples_dir)
+    train_tokenizer(texts, heldout, root / "tokenizer",
+                    TokenizerSettings(vocab_size=600, max_unk_rate=0.05, extra_ids=0))
+    vocab_size = len(load_tokenizer(root / "tokenizer"))
+    model = random_t5(seed=0, vocab_size=vocab_size, d_model=32, d_ff=64, num_layers=3,
+                      num_decoder_layers=3, num_heads=2, d_kv=16)
+    model.save_pretrained(root / "model")
+    copy_tokenizer_files(root / "tokenizer", root / "model")
+    return root / "model"
+
+
+def test_fidelity_command_writes_report_rows_and_reuses_finished_measures(
+        saved_model, samples_dir, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from suite.cli import main
+    from suite.results import read_results
+
+    out = tmp_path / "run"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "fidelity-test", "output_dir": str(out), "data_dir": str(samples_dir),
+        "models": [{"name": "random", "path": str(saved_model), "label": "random weights"}],
+        "tasks": [{"name": "squad", "split": "validation[:6]", "max_new_tokens": 8}],
+        "measures": ["softmax_margin", "static_layer"], "profiles": ["generic_cpu"],
+        "online": {"batch_sizes": [1, 4], "num_thresholds": 2, "threads": 1},
+        "leaderboard": False}))
+    assert main(["fidelity", "--config", str(config), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "online: 2 measure(s) decoded, 0 reused" in printed
+    report = json.loads((out / "fidelity" / "fidelity.json").read_text())
+    assert len(report["points"]) == 2 * 2 * 2  # measures x thresholds x batch sizes
+    never = [p for p in report["points"] if p["measure"] == "softmax_margin"
+             and p["threshold"] == 1.0]
+    for point in never:  # full depth: online = replay exactly, no divergence
+        assert point["online_quality"] == point["replay_quality"]
+        assert point["divergence"]["token_rate"] == 0.0
+        assert point["predicted_speedup"] > 0 and point["online_tokens_per_s"] > 0
+    rows = read_results(out / "results")
+    assert {r.mode for r in rows} == {"online"} and len(rows) == 8
+    assert (out / "fidelity" / "fidelity.md").read_text().count("| squad |") >= 8
+    # a rerun reuses the stored measures
+    assert main(["online", "--config", str(config), "--no-progress",
+                 "--no-leaderboard"]) == 0
+    assert "0 measure(s) decoded, 2 reused" in capsys.readouterr().out
