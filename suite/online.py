@@ -127,7 +127,7 @@ class LayerScorer:
         ``[B, d]`` un-normed states of this layer and the one before); return the top-1 ids
         when the LM head ran here."""
         top1 = None
-        if self.checked[layer] or layer == self.adapter.num_layers - 1:
+        if self.checked[layer]:
             if self.head_fields:
                 _, top1, first, second = head_top2(self.adapter.exit_logits(layer, hidden))
                 self.fields["top1_id"][:, layer] = top1.cpu().numpy()

@@ -139,6 +139,34 @@ def test_free_outputs_match_a_full_parallel_pass_over_the_emitted_tokens(setup):
     assert mixed >= 2, "too few decodes mixed shallow and deep tokens to test catch-up"
 
 
+@pytest.mark.parametrize("name,threshold,options", [
+    ("softmax_margin", 0.02, {}), ("softmax_max", 0.05, {}), ("hidden_state_saturation", 0.85, {}),
+    ("top1_rising_heuristic", 0.03, {}), ("free_shallow_deep", 0.03, {"shallow_layer": 1}),
+    ("static_layer", 0.5, {})])
+def test_first_tokens_exit_where_replay_says(setup, name, threshold, options):
+    """Until an early exit has changed a state, online decoding follows the recorded
+    trajectory, so its scores must agree with replay's: in every example, each token up to
+    and including the first one that exits early exits where replay says."""
+    from suite.replay import exit_layers
+
+    traces = setup["traces"]
+    last = TINY["num_decoder_layers"] - 1
+    exit_policy = policy(name, threshold, **options)
+    replayed = exit_layers(exit_policy.measure.scores(traces), [threshold])[0]
+    out = online_greedy_decode(setup["adapter"], setup["ids"], setup["mask"], IDS, STEPS,
+                               exit_policy)
+    compared = early = 0
+    for example in IDS:
+        online_exits = out.traces.exit_layer[out.traces.example_id == example]
+        replay_exits = replayed[traces.example_id == example]
+        early_positions = np.flatnonzero(online_exits < last)
+        upto = early_positions[0] + 1 if early_positions.size else online_exits.size
+        assert online_exits[:upto].tolist() == replay_exits[:upto].tolist()
+        compared += upto
+        early += bool(early_positions.size)
+    assert early >= 1 and compared >= 4
+
+
 def test_online_traces_hold_what_was_computed(setup):
     out = online_greedy_decode(setup["adapter"], setup["ids"], setup["mask"], IDS, STEPS,
                                policy("softmax_margin", 0.02))
