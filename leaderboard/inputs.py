@@ -6,7 +6,8 @@ Layout of a run directory (other stages write it; everything but the results is 
     <run>/run_manifest.json                          config, versions, every shard's hash
     <run>/traces/<task>/<model>/<generated|forced>/manifest.json   trace manifests
     <run>/validation/<measure>.json                  validation reports
-    <run>/analysis/                                  figures of the analyses
+    <run>/analysis/<task>/                           `exitbench analyze`: figures, tables and a
+                                                     summary.json listing them with captions
 
 Nothing here trusts the strings it reads: they are data, escaped when rendered. What is
 missing or unreadable becomes a note that the site and the CLI show.
@@ -68,6 +69,38 @@ class ValidationReport:
     raw: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class AnalysisFigure:
+    name: str
+    caption: str
+    png: Path | None
+    svg: Path | None
+
+
+@dataclass(frozen=True)
+class AnalysisTable:
+    name: str
+    caption: str
+    columns: list[str]
+    rows: list[list[Any]]
+    csv: Path | None
+    json: Path | None
+
+
+@dataclass(frozen=True)
+class AnalysisSection:
+    """One ``<run>/analysis/<...>/summary.json`` written by ``exitbench analyze``, with the
+    figures and tables it lists (only files that exist inside that folder)."""
+
+    folder: Path
+    task: str
+    note: str
+    models: list[tuple[str, str]]
+    """(model, label) of the backbones analysed."""
+    figures: list[AnalysisFigure]
+    tables: list[AnalysisTable]
+
+
 @dataclass
 class RunInputs:
     """Everything the site shows, as read from disk."""
@@ -83,6 +116,9 @@ class RunInputs:
     trace_manifests: list[TraceManifestEntry] = field(default_factory=list)
     validation: dict[str, ValidationReport] = field(default_factory=dict)
     analysis_files: list[Path] = field(default_factory=list)
+    analysis_sections: list[AnalysisSection] = field(default_factory=list)
+    """The analyses described by ``summary.json`` files (their files are in
+    ``analysis_files`` too)."""
     notes: list[str] = field(default_factory=list)
     """What is missing or could not be read, one sentence each."""
 
@@ -240,6 +276,87 @@ def _read_validation(run_dir: Path, notes: list[str]) -> dict[str, ValidationRep
     return reports
 
 
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _listed_file(folder: Path, name: Any, files: set[Path]) -> Path | None:
+    """``folder / name`` when ``name`` is a plain file name among the analysis files (a
+    summary cannot point outside its folder)."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name \
+            or name in (".", ".."):
+        return None
+    path = folder / name
+    return path if path in files else None
+
+
+def _read_analysis_sections(run_dir: Path, files: list[Path],
+                            notes: list[str]) -> list[AnalysisSection]:
+    available = set(files)
+    sections = []
+    for path in sorted(p for p in files if p.name == "summary.json"):
+        relative = path.relative_to(run_dir).as_posix()
+        try:
+            raw, _ = _read_json(path)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            notes.append(f"{relative}: not valid JSON ({exc}); its files are listed as they are")
+            continue
+        if not isinstance(raw, dict) or not isinstance(raw.get("figures"), list) \
+                or not isinstance(raw.get("tables"), list):
+            notes.append(f"{relative}: not an analysis summary (needs 'figures' and 'tables' "
+                         f"lists); its files are listed as they are")
+            continue
+        folder = path.parent
+        figures = []
+        for item in raw["figures"]:
+            if not isinstance(item, dict):
+                continue
+            png = _listed_file(folder, item.get("png"), available)
+            svg = _listed_file(folder, item.get("svg"), available)
+            if png is None and svg is None:
+                notes.append(f"{relative}: figure {_text(item.get('name'))!r} has no file in "
+                             f"{folder.relative_to(run_dir).as_posix()}/; skipped")
+                continue
+            figures.append(AnalysisFigure(_text(item.get("name")), _text(item.get("caption")),
+                                          png, svg))
+        tables = []
+        for item in raw["tables"]:
+            if not isinstance(item, dict):
+                continue
+            csv_path = _listed_file(folder, item.get("csv"), available)
+            json_path = _listed_file(folder, item.get("json"), available)
+            columns: list[str] = []
+            rows: list[list[Any]] = []
+            if json_path is not None:
+                try:
+                    data, _ = _read_json(json_path)
+                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                    notes.append(f"{json_path.relative_to(run_dir).as_posix()}: not valid JSON "
+                                 f"({exc}); table not shown")
+                    data = None
+                if isinstance(data, dict) and isinstance(data.get("columns"), list) \
+                        and isinstance(data.get("rows"), list):
+                    columns = [str(c) for c in data["columns"]]
+                    rows = [[r.get(c) for c in columns] for r in data["rows"]
+                            if isinstance(r, dict)]
+            if csv_path is None and json_path is None:
+                continue
+            tables.append(AnalysisTable(_text(item.get("name")), _text(item.get("caption")),
+                                        columns, rows, csv_path, json_path))
+        models: list[tuple[str, str]] = []
+        listed = raw.get("models")
+        if isinstance(listed, dict):
+            models = [(str(k), _text(v) or "no label") for k, v in listed.items()]
+        elif isinstance(listed, list):
+            models = [(str(m.get("name")), _text(m.get("label")) or "no label")
+                      for m in listed if isinstance(m, dict)]
+        sections.append(AnalysisSection(
+            folder=folder, task=_text(raw.get("task")) or folder.name,
+            note=_text(raw.get("note")), models=models,
+            figures=figures, tables=tables))
+    return sections
+
+
 def read_run(path: str | Path) -> RunInputs:
     """Read a run directory, a results directory or a results file."""
     results_path, run_dir = locate_results(path)
@@ -279,6 +396,9 @@ def read_run(path: str | Path) -> RunInputs:
             if p.is_file() and p.suffix.lower() in ANALYSIS_SUFFIXES and not p.name.startswith("."))
         if not inputs.analysis_files:
             notes.append("analysis/: present but holds no figures or tables yet")
+        inputs.analysis_sections = _read_analysis_sections(run_dir, inputs.analysis_files,
+                                                           notes)
     else:
-        notes.append("analysis/: not in this run (the monotonicity analyses are a later stage)")
+        notes.append("analysis/: not in this run (`exitbench analyze --config ...` writes the "
+                     "monotonicity and saturation analyses)")
     return inputs

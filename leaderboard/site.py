@@ -11,7 +11,9 @@ Pages (all links relative, so the folder can be opened from disk or served anywh
     measures/index.html        every measure; measures/<slug>.html one page each
     profiles/index.html        every profile; profiles/<slug>.html one page each
     provenance.html            run manifest, trace manifests, per-row hashes
-    analysis.html              the run's analysis figures (when the run has them)
+    analysis.html              the run's analyses (when it has them): per summary.json of
+                               `exitbench analyze`, its figures and tables with captions;
+                               other files of analysis/ listed as they are
     data/results.json          the results file the site was built from
     static/style.css, static/site.js
 """
@@ -269,6 +271,101 @@ def _match_traces(inputs: RunInputs) -> dict[str, str]:
     return found
 
 
+# -- analyses ------------------------------------------------------------------------------
+ANALYSIS_TABLE_ROWS = 150
+"""Tables with more rows are linked (CSV, JSON), not rendered."""
+
+
+@dataclass
+class CellView:
+    text: str
+    numeric: bool
+
+
+@dataclass
+class TableView:
+    name: str
+    caption: str
+    columns: list[str]
+    rows: list[list[CellView]]
+    num_rows: int
+    csv_href: str | None
+    json_href: str | None
+    shown: bool
+
+
+@dataclass
+class FigureView:
+    name: str
+    caption: str
+    img_href: str
+    png_href: str | None
+    svg_href: str | None
+
+
+@dataclass
+class AnalysisView:
+    anchor: str
+    task: str
+    folder: str
+    note: str
+    models: list[tuple[str, str]]
+    figures: list[FigureView]
+    tables: list[TableView]
+    extra_links: list[tuple[str, str]]
+    """(name, href) of the section's summary.json and README.md."""
+    files: set[Path]
+    """Files this section shows (the rest of analysis/ is listed as it is)."""
+
+
+def analysis_cell(value: Any) -> CellView:
+    """A table value as text: floats to 4 significant digits, booleans yes/no, null n/a."""
+    if value is None:
+        return CellView("n/a", False)
+    if isinstance(value, bool):
+        return CellView("yes" if value else "no", False)
+    if isinstance(value, int):
+        return CellView(str(value), True)
+    if isinstance(value, float):
+        return CellView(f"{value:.4g}" if math.isfinite(value) else "n/a", True)
+    return CellView(str(value), False)
+
+
+def _analysis_view(section, hrefs: dict[Path, str]) -> AnalysisView:
+    figures, tables, files = [], [], set()
+    for fig in section.figures:
+        png = hrefs.get(fig.png) if fig.png else None
+        svg = hrefs.get(fig.svg) if fig.svg else None
+        figures.append(FigureView(fig.name, fig.caption, png or svg or "", png, svg))
+        files.update(p for p in (fig.png, fig.svg) if p is not None)
+    for table in section.tables:
+        columns = list(table.columns)
+        rows = table.rows
+        if "task" in columns:  # one section is one task: the column says nothing
+            index = columns.index("task")
+            columns.pop(index)
+            rows = [r[:index] + r[index + 1:] for r in rows]
+        shown = 0 < len(rows) <= ANALYSIS_TABLE_ROWS
+        tables.append(TableView(
+            table.name, table.caption, columns,
+            [[analysis_cell(v) for v in row] for row in rows] if shown else [], len(rows),
+            hrefs.get(table.csv) if table.csv else None,
+            hrefs.get(table.json) if table.json else None, shown))
+        files.update(p for p in (table.csv, table.json) if p is not None)
+    extra_links = []
+    for name in ("summary.json", "README.md"):
+        path = section.folder / name
+        if path in hrefs:
+            extra_links.append((name, hrefs[path]))
+            files.add(path)
+    folder = section.folder.name
+    return AnalysisView(anchor="analysis-" + re.sub(r"[^a-z0-9]+", "-", folder.lower()).strip("-")
+                        + "-" + hashlib.sha256(str(section.folder).encode()).hexdigest()[:8],
+                        task=section.task, folder=folder, note=section.note,
+                        models=section.models, figures=figures, tables=tables,
+                        extra_links=extra_links, files=files)
+
+
 # -- writing -------------------------------------------------------------------------------
 def _check_out_dir(out_dir: Path, inputs: RunInputs) -> None:
     resolved = out_dir.resolve()
@@ -430,15 +527,20 @@ def build_site_report(results_dir: str | Path, out_dir: str | Path) -> Site:
             notes=notes)
         if inputs.analysis_files:
             analysis_root = inputs.run_dir / "analysis"  # type: ignore[operator]
-            files = []
+            hrefs = {}
             for path in inputs.analysis_files:
                 relative = path.relative_to(analysis_root).as_posix()
                 target = tmp / "analysis" / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, target)
-                files.append((relative, "analysis/" + quote(relative),
-                              path.suffix.lower() in (".png", ".svg", ".jpg", ".jpeg")))
-            writer.page("analysis.html", "analysis.html", page_title="Analyses", files=files)
+                hrefs[path] = "analysis/" + quote(relative)
+            sections = [_analysis_view(section, hrefs) for section in inputs.analysis_sections]
+            described = {p for section in sections for p in section.files}
+            files = [(path.relative_to(analysis_root).as_posix(), hrefs[path],
+                      path.suffix.lower() in (".png", ".svg", ".jpg", ".jpeg"))
+                     for path in inputs.analysis_files if path not in described]
+            writer.page("analysis.html", "analysis.html", page_title="Analyses", files=files,
+                        sections=sections)
         (tmp / SITE_MARKER).write_text(json.dumps({
             "built_by": f"exitbench {__version__}", "results": str(inputs.results_path),
             "results_sha256": hashlib.sha256(inputs.results_bytes).hexdigest()}, indent=2)

@@ -25,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _select(items, names, what: str, config_path: str):
+def select_named(items, names, what: str, config_path: str):
+    """The config items (tasks or models) named on the command line; all when none is;
+    an unknown name is a ConfigError with the closest one."""
     from suite.errors import ConfigError
     from suite.registry import closest_names
 
@@ -49,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if not config.models:
         raise ConfigError(f"{args.config}: models: the config lists no models to record; add "
                           f"e.g. `models: [{{name: tiny, path: runs/models/tiny}}]`")
-    tasks = _select(config.tasks, args.task, "task", args.config)
-    models = _select(config.models, args.model, "model", args.config)
+    tasks = select_named(config.tasks, args.task, "task", args.config)
+    models = select_named(config.models, args.model, "model", args.config)
     kinds = ["generated", "forced"] if args.kind == "both" else [args.kind]
     start = time.perf_counter()
     totals = {"written": 0, "skipped": 0, "repaired": 0, "tokens": 0}
