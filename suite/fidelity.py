@@ -18,7 +18,10 @@ For one (task, model) and each configured measure, threshold and batch size:
   prediction at the same exit layer, i.e. the propagated state changed it).
 
 Rows are :class:`suite.results.ResultRow` with ``mode="online"`` and the replay figures in
-``extra``; they are stored per measure in ``<out>/online/<task>/<model>/<measure>.json``
+``extra``; each point's emitted tokens with their exit layers are written in the trace format
+(``<out>/online/<task>/<model>/traces/<measure>/threshold-<t>-batch-<b>.arrow``, read with
+:func:`suite.traces.read_shard`); rows are stored per measure in
+``<out>/online/<task>/<model>/<measure>.json``
 (keyed by everything they depend on, so a rerun reuses them) and merged into the run's
 results beside the replayed rows.
 """
@@ -43,7 +46,7 @@ from suite.errors import ExitbenchError
 from suite.measures import Measure, code_hash
 from suite.online import ExitPolicy, OnlineRun, decode_examples
 from suite.results import ResultRow
-from suite.traces import TraceArrays
+from suite.traces import TraceArrays, write_shard
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +138,14 @@ def online_thresholds(config: SuiteConfig, measure_config: MeasureConfig, measur
 def online_part_path(output_dir: str | Path, task: str, model: str, measure: str) -> Path:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in measure)
     return Path(output_dir) / "online" / task / model / f"{safe}.json"
+
+
+def online_traces_path(output_dir: str | Path, task: str, model: str, measure: str,
+                       threshold: float, batch_size: int) -> Path:
+    """Where the traces of one online point (emitted tokens, ``exit_layer``) are written."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in measure)
+    return (Path(output_dir) / "online" / task / model / "traces" / safe
+            / f"threshold-{threshold:.6g}-batch-{batch_size}.arrow")
 
 
 def _part_key(payload: dict[str, Any]) -> str:
@@ -342,6 +353,9 @@ def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
                                                  / tokens_per_s - 1.0)
                     entry["realised_over_predicted"] = (entry["realised_speedup"]
                                                         / entry["predicted_speedup"])
+            shard = online_traces_path(config.output_dir, ctx.task.name, ctx.model_config.name,
+                                       name, threshold, batch_size)
+            entry.update(traces=str(shard), traces_sha256=write_shard(shard, run.traces))
             entries.append(entry)
             rows.append(ResultRow(
                 task=ctx.task.name, split=ctx.task_config.split, model=ctx.model_config.name,

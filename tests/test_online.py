@@ -276,6 +276,11 @@ def test_fidelity_command_writes_report_rows_and_reuses_finished_measures(
         assert point["online_quality"] == point["replay_quality"]
         assert point["divergence"]["token_rate"] == 0.0
         assert point["predicted_speedup"] > 0 and point["online_tokens_per_s"] > 0
+    from suite.traces import read_shard
+
+    for point in report["points"]:  # each point's emitted tokens, in the trace format
+        traces = read_shard(point["traces"], point["traces_sha256"])
+        assert traces.exit_layer is not None and traces.num_tokens == point["online_tokens"]
     rows = read_results(out / "results")
     assert {r.mode for r in rows} == {"online"} and len(rows) == 8
     assert (out / "fidelity" / "fidelity.md").read_text().count("| squad |") >= 8
