@@ -3,10 +3,10 @@
 For one (task, model) and each configured measure, threshold and batch size:
 
 - **online**: the examples are decoded with real early exits (:mod:`suite.online`), timed
-  wall-clock on the config's device, and scored with the task metric. Each measure's
-  thresholds at a batch size are bracketed by a full-depth run of the same examples
-  (:func:`suite.decoding.greedy_decode`), so the realised speedup is a ratio of runs made
-  side by side (these machines are shared and noisy).
+  wall-clock on the config's device, and scored with the task metric. Every batch is also
+  decoded at full depth (:func:`suite.decoding.greedy_decode`) right beside it
+  (:func:`suite.online.decode_paired`), so the realised speedup is a ratio of runs made
+  side by side (these machines are shared and noisy); ``repeats`` such pairs give medians.
 - **replay**, when the model's generated traces of the same examples exist: the same
   measure and threshold replayed over them (quality), priced by the cost model on the
   chosen hardware profile (predicted tokens/s and speedup), and priced again with the exit
@@ -44,7 +44,7 @@ from suite.atomic import atomic_write_json
 from suite.config import MeasureConfig, ModelConfig, SuiteConfig, TaskConfig
 from suite.errors import ExitbenchError
 from suite.measures import Measure, code_hash
-from suite.online import ExitPolicy, OnlineRun, decode_examples
+from suite.online import ExitPolicy, OnlineRun, decode_examples, decode_paired
 from suite.results import ResultRow
 from suite.traces import TraceArrays, write_shard
 
@@ -249,13 +249,36 @@ def open_context(config: SuiteConfig, task_config: TaskConfig, model_config: Mod
                          profile=profile, quality_cache={})
 
 
-def _timed(ctx: OnlineContext, batch_size: int, policy: ExitPolicy | None,
-           repeats: int) -> tuple[OnlineRun, float]:
-    """Decode the context's examples ``repeats`` times; the first run and the median
-    seconds."""
-    runs = [decode_examples(ctx.adapter, ctx.sources, ctx.example_ids, batch_size,
-                            ctx.task.limits.max_new_tokens, policy) for _ in range(repeats)]
-    return runs[0], float(np.median([r.seconds for r in runs]))
+@dataclass(frozen=True)
+class PairedTiming:
+    """Full-depth and early-exit decoding of the same examples, timed side by side."""
+
+    full: OnlineRun
+    online: OnlineRun
+    full_tokens_per_s: float
+    """Median over repeats."""
+    online_tokens_per_s: float
+    speedup: float
+    """Median over repeats of each repeat's online / full-depth tokens/s (paired)."""
+
+
+def timed_pairs(ctx: OnlineContext, batch_size: int, policy: ExitPolicy,
+                repeats: int) -> PairedTiming:
+    """``repeats`` paired runs (:func:`suite.online.decode_paired`); outputs from the first."""
+    pairs = [decode_paired(ctx.adapter, ctx.sources, ctx.example_ids, batch_size,
+                           ctx.task.limits.max_new_tokens, policy) for _ in range(repeats)]
+    full_tps = [f.tokens_per_s for f, _ in pairs]
+    online_tps = [o.tokens_per_s for _, o in pairs]
+    return PairedTiming(full=pairs[0][0], online=pairs[0][1],
+                        full_tokens_per_s=float(np.median(full_tps)),
+                        online_tokens_per_s=float(np.median(online_tps)),
+                        speedup=float(np.median(np.divide(online_tps, full_tps))))
+
+
+def warm_up(ctx: OnlineContext, batch_size: int) -> None:
+    """One untimed full-depth decode of the first batch (allocator, kernels, caches)."""
+    decode_examples(ctx.adapter, ctx.sources[:batch_size], ctx.example_ids[:batch_size],
+                    batch_size, ctx.task.limits.max_new_tokens, None)
 
 
 def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
@@ -293,27 +316,27 @@ def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
 
     rows, entries = [], []
     for batch_size in config.online.batch_sizes:
-        full, full_seconds = _timed(ctx, batch_size, None, config.online.repeats)
-        full_sequences = per_example(full.traces, full.traces.final_id)
-        full_quality = ctx.quality(cut_at_eos(full_sequences, eos))
-        full_tps = full.num_tokens / full_seconds
+        warm_up(ctx, batch_size)
         for k, threshold in enumerate(thresholds):
             if progress:
                 progress(f"{name} threshold {threshold:g} batch {batch_size}")
             policy = ExitPolicy(measure, threshold, measure_config.min_layer)
-            run, seconds = _timed(ctx, batch_size, policy, config.online.repeats)
+            timing = timed_pairs(ctx, batch_size, policy, config.online.repeats)
+            run = timing.online
+            full_sequences = per_example(timing.full.traces, timing.full.traces.final_id)
+            full_quality = ctx.quality(cut_at_eos(full_sequences, eos))
             online_sequences = per_example(run.traces, run.traces.final_id)
             quality = ctx.quality(cut_at_eos(online_sequences, eos))
             primary = quality["primary"]
             exit_layer = run.traces.exit_layer
-            tokens_per_s = run.num_tokens / seconds
+            tokens_per_s, full_tps = timing.online_tokens_per_s, timing.full_tokens_per_s
             agreement = _agreement(online_sequences, full_sequences)
             entry: dict[str, Any] = {
                 "measure": name, "threshold": threshold, "batch_size": batch_size,
                 "online_quality": quality["scores"][primary], "metric": primary,
                 "full_depth_quality": full_quality["scores"][primary],
                 "online_tokens_per_s": tokens_per_s, "full_depth_tokens_per_s": full_tps,
-                "realised_speedup": tokens_per_s / full_tps,
+                "realised_speedup": timing.speedup,
                 "online_tokens": run.num_tokens, "online_mean_layers": float(exit_layer.mean() + 1),
             }
             if costs is not None:
@@ -373,7 +396,7 @@ def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
                 exit_histogram=[float(x) for x in np.bincount(
                     exit_layer, minlength=num_layers) / max(1, exit_layer.size)],
                 tokens_per_s=float(tokens_per_s), full_depth_tokens_per_s=float(full_tps),
-                speedup=float(tokens_per_s / full_tps), num_examples=len(ctx.examples),
+                speedup=float(timing.speedup), num_examples=len(ctx.examples),
                 num_tokens=int(run.num_tokens), traces_hash=ctx.traces_hash,
                 measure_code_hash=code_hash(type(measure)),
                 extra={"model_dims": info.dims.__dict__, "device": config.device,

@@ -98,8 +98,12 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
 def rouge_metric(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> MetricResult:
+    import logging
+
     from rouge_score import rouge_scorer
 
+    # rouge-score logs "Using default tokenizer." at INFO (absl) for every scorer it builds
+    logging.getLogger("absl").setLevel(logging.WARNING)
     _check_lengths(predictions, references)
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)

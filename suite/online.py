@@ -308,37 +308,62 @@ def _synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _decode_batch(adapter: DecoderAdapter, sources: Sequence[Sequence[int]],
+                  ids: list[str], max_new_tokens: int, policy: ExitPolicy | None
+                  ) -> tuple[TraceArrays, float, int]:
+    """One batch, timed: ``(traces, seconds, layer runs)``."""
+    input_ids, attention_mask = pad_batch(sources, adapter.pad_token_id)
+    _synchronise(adapter.device)
+    started = time.perf_counter()
+    if policy is None:
+        decoded = greedy_decode(adapter, input_ids, attention_mask, max_new_tokens)
+        _synchronise(adapter.device)
+        seconds = time.perf_counter() - started
+        return (_full_depth_traces(decoded, ids, adapter.num_layers), seconds,
+                decoded.token_ids.shape[1] * adapter.num_layers)
+    output = online_greedy_decode(adapter, input_ids, attention_mask, ids, max_new_tokens,
+                                  policy)
+    _synchronise(adapter.device)
+    return output.traces, time.perf_counter() - started, output.layer_runs
+
+
+def _batches(sources: Sequence[Sequence[int]], example_ids: Sequence[str], batch_size: int):
+    if len(sources) != len(example_ids):
+        raise ValueError(f"{len(sources)} sources for {len(example_ids)} example ids")
+    if batch_size < 1:
+        raise ExitbenchError(f"batch size {batch_size} must be at least 1")
+    for begin in range(0, len(sources), batch_size):
+        rows = slice(begin, begin + batch_size)
+        yield sources[rows], list(example_ids[rows])
+
+
+def _joined(parts: list[tuple[TraceArrays, float, int]]) -> OnlineRun:
+    return OnlineRun(traces=TraceArrays.concat([p[0] for p in parts]),
+                     seconds=sum(p[1] for p in parts), layer_runs=sum(p[2] for p in parts))
+
+
 def decode_examples(adapter: DecoderAdapter, sources: Sequence[Sequence[int]],
                     example_ids: Sequence[str], batch_size: int, max_new_tokens: int,
                     policy: ExitPolicy | None) -> OnlineRun:
     """Decode every example in order, ``batch_size`` at a time; ``policy=None`` decodes at
     full depth with :func:`suite.decoding.greedy_decode` (the baseline of the speedup)."""
-    if len(sources) != len(example_ids):
-        raise ValueError(f"{len(sources)} sources for {len(example_ids)} example ids")
-    if batch_size < 1:
-        raise ExitbenchError(f"batch size {batch_size} must be at least 1")
-    parts: list[TraceArrays] = []
-    seconds, layer_runs = 0.0, 0
-    for begin in range(0, len(sources), batch_size):
-        rows = slice(begin, begin + batch_size)
-        input_ids, attention_mask = pad_batch(sources[rows], adapter.pad_token_id)
-        ids = list(example_ids[rows])
-        _synchronise(adapter.device)
-        started = time.perf_counter()
-        if policy is None:
-            decoded = greedy_decode(adapter, input_ids, attention_mask, max_new_tokens)
-            _synchronise(adapter.device)
-            seconds += time.perf_counter() - started
-            parts.append(_full_depth_traces(decoded, ids, adapter.num_layers))
-            layer_runs += decoded.token_ids.shape[1] * adapter.num_layers
-        else:
-            output = online_greedy_decode(adapter, input_ids, attention_mask, ids,
-                                          max_new_tokens, policy)
-            _synchronise(adapter.device)
-            seconds += time.perf_counter() - started
-            parts.append(output.traces)
-            layer_runs += output.layer_runs
-    return OnlineRun(traces=TraceArrays.concat(parts), seconds=seconds, layer_runs=layer_runs)
+    return _joined([_decode_batch(adapter, batch, ids, max_new_tokens, policy)
+                    for batch, ids in _batches(sources, example_ids, batch_size)])
+
+
+def decode_paired(adapter: DecoderAdapter, sources: Sequence[Sequence[int]],
+                  example_ids: Sequence[str], batch_size: int, max_new_tokens: int,
+                  policy: ExitPolicy) -> tuple[OnlineRun, OnlineRun]:
+    """``(full depth, early exit)`` runs of the same examples, timed batch by batch side by
+    side (the two decodes of a batch run back to back, in alternating order), so that a
+    shared machine's drift, which moves both alike, cancels in their ratio."""
+    full, online = [], []
+    for index, (batch, ids) in enumerate(_batches(sources, example_ids, batch_size)):
+        order = (None, policy) if index % 2 == 0 else (policy, None)
+        for which in order:
+            result = _decode_batch(adapter, batch, ids, max_new_tokens, which)
+            (full if which is None else online).append(result)
+    return _joined(full), _joined(online)
 
 
 def _full_depth_traces(decoded: DecodeOutput, ids: Sequence[str], num_layers: int

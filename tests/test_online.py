@@ -189,6 +189,19 @@ def test_decode_examples_batches_and_full_depth_baseline(setup):
     assert full.num_tokens == setup["traces"].num_tokens
 
 
+def test_paired_decoding_gives_the_same_outputs_as_separate_runs(setup):
+    from suite.online import decode_paired
+
+    adapter, sources = setup["adapter"], setup["sources"]
+    exit_policy = policy("softmax_margin", 0.02)
+    full, online = decode_paired(adapter, sources, IDS, 3, STEPS, exit_policy)
+    alone = decode_examples(adapter, sources, IDS, 3, STEPS, exit_policy)
+    assert np.array_equal(online.traces.final_id, alone.traces.final_id)
+    assert np.array_equal(online.traces.exit_layer, alone.traces.exit_layer)
+    assert np.array_equal(full.traces.final_id, setup["traces"].final_id)
+    assert full.seconds > 0 and online.seconds > 0
+
+
 def test_policies_that_cannot_run_online_say_why():
     with pytest.raises(ExitbenchError, match="not deployable"):
         policy("oracle", 0.5).check(4)
