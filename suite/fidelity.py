@@ -9,9 +9,11 @@ For one (task, model) and each configured measure, threshold and batch size:
   side by side (these machines are shared and noisy); ``repeats`` such pairs give medians.
 - **replay**, when the model's generated traces of the same examples exist: the same
   measure and threshold replayed over them (quality), priced by the cost model on the
-  chosen hardware profile (predicted tokens/s and speedup), and priced again with the exit
-  layers the online decoder actually took (separating the cost model's error from the
-  trajectory's divergence).
+  chosen hardware profile (predicted tokens/s and speedup).
+- **online exits**: the cost model applied to what was actually decoded -- the online
+  outputs with their exit layers, over the full-depth run's outputs -- so that its error is
+  the cost model's alone (replay's prediction adds the trajectory's divergence: outputs of
+  other lengths, other exits).
 - **divergence**: per example, the online output against the replayed one: the share of
   token positions that differ, the examples that differ at all, and where they part (the
   first differing position, and whether the exit decision there changed or only the
@@ -54,7 +56,20 @@ logger = logging.getLogger(__name__)
 # -- divergence -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Divergence:
-    """Online outputs against replayed ones, example by example."""
+    """Online outputs against replayed ones, example by example.
+
+    Where they part: at an example's first differing position ``p`` every earlier output
+    token is the same online and in replay, so the difference has one of three causes,
+    checked in this order:
+
+    - ``fed_back``: the token at ``p - 1`` differs from the recorded full-depth one, so
+      replay (which follows the recorded trajectory) read another input at ``p`` than online
+      decoding, which feeds the exited token forward;
+    - ``decision``: same input, but the token exited at another layer online (the states of
+      earlier exited tokens changed the score);
+    - ``state``: same input and exit layer, another prediction (the propagated states of
+      earlier exited tokens changed the hidden state itself).
+    """
 
     token_rate: float
     """Differing positions / all positions (a position only one output has differs)."""
@@ -62,27 +77,34 @@ class Divergence:
     """Share of examples whose outputs differ anywhere."""
     first_positions: list[int]
     """First differing position of each diverged example."""
-    decision_changed: float
-    """Among diverged examples: share whose first differing token exited at another layer
-    online than in replay (the exit decision changed)."""
+    causes: dict[str, float]
+    """Share of diverged examples per cause (``fed_back``, ``decision``, ``state``); empty
+    when exits and full-depth tokens were not given."""
 
     def to_dict(self) -> dict[str, Any]:
         positions = np.asarray(self.first_positions)
         return {"token_rate": self.token_rate, "examples_diverged": self.examples_diverged,
-                "decision_changed": self.decision_changed,
+                "causes": self.causes,
                 "first_position_median": float(np.median(positions)) if positions.size else None,
                 "first_position_mean": float(positions.mean()) if positions.size else None}
 
 
+CAUSES = ("fed_back", "decision", "state")
+
+
 def divergence(online: Sequence[Sequence[int]], replayed: Sequence[Sequence[int]],
                online_exits: Sequence[Sequence[int]] | None = None,
-               replayed_exits: Sequence[Sequence[int]] | None = None) -> Divergence:
-    """Compare per-example token lists (and, when given, the exit layers of each token)."""
+               replayed_exits: Sequence[Sequence[int]] | None = None,
+               full_depth: Sequence[Sequence[int]] | None = None) -> Divergence:
+    """Compare per-example token lists; with the exit layers of each token and the recorded
+    full-depth tokens, also say where each diverged example parts (see
+    :class:`Divergence`)."""
     if len(online) != len(replayed):
         raise ValueError(f"{len(online)} online outputs but {len(replayed)} replayed ones")
+    explain = online_exits is not None and replayed_exits is not None and full_depth is not None
     differing = total = 0
     first_positions: list[int] = []
-    changed = 0
+    counts = dict.fromkeys(CAUSES, 0)
     for index, (a, b) in enumerate(zip(online, replayed)):  # per example, not per token
         a, b = np.asarray(a), np.asarray(b)
         common = min(a.size, b.size)
@@ -90,18 +112,27 @@ def divergence(online: Sequence[Sequence[int]], replayed: Sequence[Sequence[int]
         longest = max(a.size, b.size)
         differing += int(unequal.sum()) + (longest - common)
         total += longest
-        if unequal.any() or a.size != b.size:
-            first = int(np.argmax(unequal)) if unequal.any() else common
-            first_positions.append(first)
-            if online_exits is not None and replayed_exits is not None:
-                online_layers, replayed_layers = online_exits[index], replayed_exits[index]
-                if first < len(online_layers) and first < len(replayed_layers):
-                    changed += int(online_layers[first] != replayed_layers[first])
+        if not (unequal.any() or a.size != b.size):
+            continue
+        first = int(np.argmax(unequal)) if unequal.any() else common
+        first_positions.append(first)
+        if explain:
+            recorded = full_depth[index]
+            online_layers, replayed_layers = online_exits[index], replayed_exits[index]
+            if 0 < first <= len(recorded) and first - 1 < b.size \
+                    and b[first - 1] != recorded[first - 1]:
+                counts["fed_back"] += 1
+            elif first < len(online_layers) and first < len(replayed_layers) \
+                    and online_layers[first] != replayed_layers[first]:
+                counts["decision"] += 1
+            else:
+                counts["state"] += 1
     diverged = len(first_positions)
+    causes = ({cause: count / diverged for cause, count in counts.items()}
+              if explain and diverged else {})
     return Divergence(token_rate=differing / total if total else 0.0,
                       examples_diverged=diverged / len(online) if online else 0.0,
-                      first_positions=first_positions,
-                      decision_changed=changed / diverged if diverged else 0.0)
+                      first_positions=first_positions, causes=causes)
 
 
 def per_example(traces: TraceArrays, values: np.ndarray) -> list[np.ndarray]:
@@ -152,21 +183,24 @@ def _part_key(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def read_online_rows(config: SuiteConfig) -> list[ResultRow]:
-    """Every stored online row of this config's tasks, models and measures."""
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(ResultRow)}
-    rows = []
+def stored_parts(config: SuiteConfig):
+    """``(task, model, part)`` for every stored online part of this config, in config order."""
     for task in config.tasks:
         for model in config.models:
             for measure in config.measures:
                 path = online_part_path(config.output_dir, task.name, model.name,
                                         measure.display_name)
                 if path.is_file():
-                    for row in json.loads(path.read_text("utf-8"))["rows"]:
-                        rows.append(ResultRow(**{k: v for k, v in row.items() if k in names}))
-    return rows
+                    yield task.name, model.name, json.loads(path.read_text("utf-8"))
+
+
+def read_online_rows(config: SuiteConfig) -> list[ResultRow]:
+    """Every stored online row of this config's tasks, models and measures."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(ResultRow)}
+    return [ResultRow(**{k: v for k, v in row.items() if k in names})
+            for _, _, part in stored_parts(config) for row in part["rows"]]
 
 
 # -- one (task, model) ------------------------------------------------------------------------
@@ -285,7 +319,12 @@ def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Decode, time, score and compare one measure at its online thresholds and every
     online batch size; returns the stored part (rows and the fidelity entries)."""
-    from suite.cost import example_index_from_ids, operation_costs, price_replay
+    from suite.cost import (
+        example_index_from_ids,
+        full_depth_seconds,
+        operation_costs,
+        price_replay,
+    )
     from suite.replay import replay, replayed_tokens
     from suite.sweep import HiddenStateLoader, SweepInputs, fitted_measure, model_info
 
@@ -346,16 +385,24 @@ def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
                     run.traces.position, source_len, batch_size, measure.check_cost(info.dims),
                     measure.checked_layers(num_layers), measure_config.min_layer,
                     measure.propagation, measure_name=measure_config.name)
+                # the full-depth side priced on the full-depth run's own outputs: the two
+                # workloads the realised speedup compares (their lengths may differ)
+                full_traces = timing.full.traces
+                full_predicted_tps = full_traces.num_tokens / full_depth_seconds(
+                    costs, info.dims, example_index_from_ids(full_traces.example_id),
+                    full_traces.position, source_len, batch_size)
+                online_predicted_tps = float(priced_online.tokens_per_s[0])
                 entry.update(profile=ctx.profile.name,
-                             predicted_speedup_online_exits=float(priced_online.speedup[0]),
-                             predicted_tokens_per_s_online_exits=float(
-                                 priced_online.tokens_per_s[0]))
+                             predicted_speedup_online_exits=online_predicted_tps
+                             / full_predicted_tps,
+                             predicted_tokens_per_s_online_exits=online_predicted_tps)
             if replay_rows is not None:
                 replayed = per_example(ctx.traces, replay_rows[k])
                 replay_quality = ctx.quality(cut_at_eos(replayed, eos))
                 gap = divergence(cut_at_eos(online_sequences, eos), cut_at_eos(replayed, eos),
                                  per_example(run.traces, exit_layer),
-                                 per_example(ctx.traces, replay_exits[k]))
+                                 per_example(ctx.traces, replay_exits[k]),
+                                 per_example(ctx.traces, ctx.traces.final_id))
                 entry.update(replay_quality=replay_quality["scores"][primary],
                              quality_difference=entry["online_quality"]
                              - replay_quality["scores"][primary],
@@ -378,6 +425,11 @@ def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
                                                         / entry["predicted_speedup"])
             shard = online_traces_path(config.output_dir, ctx.task.name, ctx.model_config.name,
                                        name, threshold, batch_size)
+            if "predicted_speedup_online_exits" in entry:
+                entry["realised_over_predicted_online_exits"] = (
+                    entry["realised_speedup"] / entry["predicted_speedup_online_exits"])
+                entry["throughput_error_online_exits"] = (
+                    entry["predicted_tokens_per_s_online_exits"] / tokens_per_s - 1.0)
             entry.update(traces=str(shard), traces_sha256=write_shard(shard, run.traces))
             entries.append(entry)
             rows.append(ResultRow(
@@ -495,16 +547,8 @@ def run_online(config: SuiteConfig, *, progress: bool = True) -> OnlineReport:
 
 def fidelity_entries(config: SuiteConfig) -> list[dict[str, Any]]:
     """The stored fidelity entries of this config, with task and model."""
-    entries = []
-    for task in config.tasks:
-        for model in config.models:
-            for measure in config.measures:
-                path = online_part_path(config.output_dir, task.name, model.name,
-                                        measure.display_name)
-                if path.is_file():
-                    for entry in json.loads(path.read_text("utf-8"))["fidelity"]:
-                        entries.append({"task": task.name, "model": model.name, **entry})
-    return entries
+    return [{"task": task, "model": model, **entry}
+            for task, model, part in stored_parts(config) for entry in part["fidelity"]]
 
 
 def fidelity_summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -520,6 +564,8 @@ def fidelity_summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
         with_replay = [e for e in group if "replay_quality" in e]
         priced = [e for e in with_replay if "predicted_speedup" in e]
         speeding = [e for e in priced if e["predicted_speedup"] > 1.05]
+        online_priced = [e for e in group if "predicted_speedup_online_exits" in e]
+        online_speeding = [e for e in online_priced if e["predicted_speedup_online_exits"] > 1.05]
         summary.append({
             "task": task, "model": model, "measure": measure, "batch_size": batch,
             "points": len(group),
@@ -528,10 +574,22 @@ def fidelity_summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
             "mean_abs_throughput_error": _mean([abs(e["throughput_error"]) for e in priced]),
             "realised_over_predicted_speedup": _mean([e["realised_over_predicted"]
                                                       for e in speeding]),
+            "mean_abs_throughput_error_online_exits": _mean([
+                abs(_online_exits(e, "throughput_error")) for e in online_priced]),
+            "realised_over_predicted_speedup_online_exits": _mean([
+                _online_exits(e, "realised_over_predicted") for e in online_speeding]),
             "mean_token_divergence": _mean([e["divergence"]["token_rate"]
                                             for e in with_replay]),
         })
     return {"groups": summary}
+
+
+def _online_exits(entry: dict[str, Any], what: str) -> float:
+    """``throughput_error`` or ``realised_over_predicted`` with the cost model applied to the
+    exit layers and trajectory online decoding took (computed here for older parts)."""
+    if what == "throughput_error":
+        return entry["predicted_tokens_per_s_online_exits"] / entry["online_tokens_per_s"] - 1
+    return entry["realised_speedup"] / entry["predicted_speedup_online_exits"]
 
 
 def _mean(values: list[float]) -> float | None:
@@ -552,6 +610,12 @@ def write_fidelity_report(config: SuiteConfig, out_dir: Path) -> Path:
     return out_dir / "fidelity.md"
 
 
+def _causes(causes: dict[str, float] | None) -> str:
+    if not causes:
+        return "-"
+    return " / ".join(f"{causes.get(cause, 0.0):.0%}" for cause in CAUSES)
+
+
 def _fmt(value: Any, pattern: str = "{:.2f}") -> str:
     return "-" if value is None else pattern.format(value)
 
@@ -560,39 +624,60 @@ def render_markdown(entries: list[dict[str, Any]], summary: dict[str, Any],
                     config: SuiteConfig) -> str:
     lines = [f"# Replay fidelity: {config.name}", "",
              f"Online early-exit decoding on `{config.device}` ({_machine()}), "
-             f"{config.online.repeats} timed run(s) per point (median), against replay over the "
-             "recorded full-depth traces priced on the profile named per point. Models: "
-             + "; ".join(f"{m.name}: {m.label or m.path}" for m in config.models) + ".", "",
+             f"{config.online.repeats} paired timed pass(es) per point (median), against replay "
+             "over the recorded full-depth traces priced on the profile named per point. "
+             "Models: " + "; ".join(f"{m.name}: {m.label or m.path}" for m in config.models)
+             + ".", "",
+             "Two predictions per point: *replay* prices the exit layers replay computes on the "
+             "recorded full-depth trajectory (what the leaderboard shows); *online exits* "
+             "prices the exit layers and outputs online decoding actually produced, so its "
+             "error is the cost model's alone, while the replay error adds the trajectory's "
+             "divergence (outputs of other lengths, other exits).", "",
              "## Per point", "",
-             "| task | measure | threshold | batch | quality online | replay | diff | "
-             "tokens/s online | predicted | error | speedup realised | predicted | "
-             "realised/predicted | token divergence | examples diverged | decision changed |",
-             "|" + "---|" * 16]
+             "| task | model | measure | threshold | batch | quality online | replay | diff | "
+             "tokens/s online | predicted (replay) | error | error (online exits) | "
+             "speedup realised | predicted (replay) | predicted (online exits) | "
+             "realised/predicted (replay) | realised/predicted (online exits) | "
+             "token divergence | examples diverged | first differing position (median) | "
+             "parts at: fed-back token / exit decision / propagated state |",
+             "|" + "---|" * 21]
     for e in entries:
         div = e.get("divergence", {})
+        online_exits = "predicted_speedup_online_exits" in e
         lines.append("| " + " | ".join([
-            e["task"], e["measure"], f"{e['threshold']:g}", str(e["batch_size"]),
+            e["task"], e["model"], e["measure"], f"{e['threshold']:g}", str(e["batch_size"]),
             _fmt(e["online_quality"]), _fmt(e.get("replay_quality")),
             _fmt(e.get("quality_difference"), "{:+.2f}"), _fmt(e["online_tokens_per_s"], "{:.1f}"),
             _fmt(e.get("predicted_tokens_per_s"), "{:.1f}"),
-            _fmt(e.get("throughput_error"), "{:+.1%}"), _fmt(e["realised_speedup"]),
-            _fmt(e.get("predicted_speedup")), _fmt(e.get("realised_over_predicted"), "{:.0%}"),
+            _fmt(e.get("throughput_error"), "{:+.1%}"),
+            _fmt(_online_exits(e, "throughput_error") if online_exits else None, "{:+.1%}"),
+            _fmt(e["realised_speedup"]), _fmt(e.get("predicted_speedup")),
+            _fmt(e.get("predicted_speedup_online_exits")),
+            _fmt(e.get("realised_over_predicted"), "{:.0%}"),
+            _fmt(_online_exits(e, "realised_over_predicted") if online_exits else None,
+                 "{:.0%}"),
             _fmt(div.get("token_rate"), "{:.1%}"), _fmt(div.get("examples_diverged"), "{:.0%}"),
-            _fmt(div.get("decision_changed"), "{:.0%}")]) + " |")
+            _fmt(div.get("first_position_median"), "{:g}"), _causes(div.get("causes"))]) + " |")
     lines += ["", "## Per measure and batch size", "",
               "| task | model | measure | batch | points | mean abs quality diff | "
-              "mean abs throughput error | realised/predicted speedup (predicted > 1.05) | "
-              "mean token divergence |", "|" + "---|" * 9]
+              "mean abs throughput error (replay) | (online exits) | "
+              "realised/predicted speedup (replay) | (online exits) | mean token divergence |",
+              "|" + "---|" * 11]
     for g in summary["groups"]:
         lines.append("| " + " | ".join([
             g["task"], g["model"], g["measure"], str(g["batch_size"]), str(g["points"]),
             _fmt(g["mean_abs_quality_difference"]),
             _fmt(g["mean_abs_throughput_error"], "{:.1%}"),
+            _fmt(g["mean_abs_throughput_error_online_exits"], "{:.1%}"),
             _fmt(g["realised_over_predicted_speedup"], "{:.0%}"),
+            _fmt(g["realised_over_predicted_speedup_online_exits"], "{:.0%}"),
             _fmt(g["mean_token_divergence"], "{:.1%}")]) + " |")
-    lines += ["", "Quality in the task's primary metric (percent). Throughput error = "
-              "predicted / measured tokens/s - 1. Token divergence = share of positions where "
-              "the online output differs from the replayed one; 'decision changed' = share of "
-              "diverged examples whose first differing token exited at another layer online.",
-              ""]
+    lines += ["", "Quality in the task's primary metric (percent). Throughput error = predicted / "
+              "measured tokens/s - 1. Realised/predicted speedup is averaged over points "
+              "predicted above 1.05x (at 1.0 the ratio measures noise). Token divergence = "
+              "share of positions where the online output differs from the replayed one. Where "
+              "they part, per diverged example, at its first differing position: the token "
+              "before it differs from the recorded full-depth one (replay read another input "
+              "than online decoding), else the exit layer differs, else only the prediction "
+              "(propagated states).", ""]
     return "\n".join(lines)

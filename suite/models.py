@@ -127,10 +127,10 @@ class DecoderAdapter(Protocol):
         ...
 
     def begin_catch_up(self, state: DecodeState, first_layer: int, num_queries: int) -> None:
-        """Prepare layers ``first_layer..L-1`` to run ``num_queries`` query tokens that end at
-        the current step: drop their last ``num_queries - 1`` cached positions (to be
-        recomputed) and set the masks and position biases for the multi-token pass. FREE's
-        synchronized parallel decoding of the tokens that skipped those layers."""
+        """Prepare layers ``first_layer..L-1``, whose caches lack the last ``num_queries``
+        positions (this step's and those of earlier tokens that skipped them), to run those
+        ``num_queries`` tokens in one causal pass: set the masks and position biases for it.
+        FREE's synchronized parallel decoding of the tokens that skipped those layers."""
         ...
 
 
@@ -306,14 +306,11 @@ class T5Adapter:
         from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
         self_cache = state.cache.self_attention_cache
-        past = self_cache.get_seq_length(first_layer) - (num_queries - 1)
-        if num_queries > 1:
-            for layer in range(first_layer, self.num_layers):
-                # keep the first ``past`` positions (DynamicLayer.crop's sign convention
-                # changed across transformers versions; slicing does not)
-                cached = self_cache.layers[layer]
-                cached.keys = cached.keys[..., :past, :]
-                cached.values = cached.values[..., :past, :]
+        past = self_cache.get_seq_length(first_layer)
+        expected = self_cache.get_seq_length(0) - past  # layer 0 already holds this step
+        if num_queries != expected:
+            raise ValueError(f"layer {first_layer} lacks {expected} position(s) of this step "
+                             f"and before; a catch-up of {num_queries} cannot fill them")
         shape = (state.first_input_ids.shape[0], num_queries, self.dims.d_model)
         probe = torch.empty(shape, dtype=self.dtype, device=self.device)
         state.self_mask = create_causal_mask(config=self.decoder_config, inputs_embeds=probe,

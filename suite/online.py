@@ -11,10 +11,10 @@ Skipped layers still need K/V entries for later tokens, by the measure's ``propa
   skipped layer's K/V are its K/V projections of that state
   (:meth:`suite.models.DecoderAdapter.fill_layer`).
 - ``free`` (FREE, Bae et al. 2023): one shallow exit layer ``k``. A token that exits there
-  leaves the deep layers ``k+1..L-1`` pending (placeholder K/V that nothing reads); the next
-  token that goes deep runs the deep layers over the pending tokens and itself in one
-  parallel pass (synchronized parallel decoding, :meth:`begin_catch_up`), which writes the
-  pending tokens' real deep K/V before any deep attention reads them.
+  leaves the deep layers ``k+1..L-1`` pending (their caches simply lack it); the next token
+  that goes deep runs the deep layers over the pending tokens and itself in one causal
+  pass (synchronized parallel decoding, :meth:`begin_catch_up`), which writes the pending
+  tokens' real deep K/V before any deep attention reads them.
 
 Batches: every row runs the decoder layers until the batch's slowest unfinished row exits
 (one batched matmul serves all rows); a row that has exited keeps its exit state, so the
@@ -225,13 +225,13 @@ def online_greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
                     exited = exited | newly
             if free and layer == shallow:
                 shallow_states[:, step] = hidden[:, -1]
-                if bool(exited.all()):  # deep layers pending: placeholders nothing reads
-                    for skipped in range(layer + 1, num_layers):
-                        adapter.fill_layer(state, skipped, hidden)
+                if bool(exited.all()):  # the deep layers stay pending for this token
                     break
-                # synchronized parallel decoding: pending tokens and this one, together
+                # synchronized parallel decoding: pending tokens and this one, together (one
+                # query token: the step's own masks and biases already fit)
                 queries = step + 1 - deep_done
-                adapter.begin_catch_up(state, layer + 1, queries)
+                if queries > 1:
+                    adapter.begin_catch_up(state, layer + 1, queries)
                 deep = shallow_states[:, deep_done:step + 1]
                 for deep_layer in range(layer + 1, num_layers):
                     deep = adapter.run_layer(state, deep_layer, deep)

@@ -27,3 +27,30 @@ def samples_dir() -> Path:
 def _no_ambient_data_dir(monkeypatch):
     # Tests say where their data comes from; an EXITBENCH_DATA_DIR from the shell must not leak in.
     monkeypatch.delenv("EXITBENCH_DATA_DIR", raising=False)
+
+
+@pytest.fixture(scope="session")
+def random_backbone(tmp_path_factory, samples_dir) -> Path:
+    """A folder like the backbones the suite trains: a SentencePiece tokenizer trained on
+    the SQuAD sample and a randomly initialised 3+3-layer T5 (random weights: tests only)."""
+    from suite.models import random_t5
+    from suite.tokenizer import (
+        TokenizerSettings,
+        copy_tokenizer_files,
+        load_tokenizer,
+        task_texts,
+        train_tokenizer,
+    )
+
+    root = tmp_path_factory.mktemp("backbone")
+    texts, _ = task_texts(["squad"], "validation[:150]", samples_dir)
+    heldout, _ = task_texts(["squad"], "validation[150:170]", samples_dir)
+    train_tokenizer(texts, heldout, root / "tokenizer",
+                    TokenizerSettings(vocab_size=600, max_unk_rate=0.05, extra_ids=0))
+    vocab_size = len(load_tokenizer(root / "tokenizer"))
+    model = random_t5(seed=0, vocab_size=vocab_size, d_model=32, d_ff=64, num_layers=3,
+                      num_decoder_layers=3, num_heads=2, d_kv=16)
+    model.save_pretrained(root / "model")
+    copy_tokenizer_files(root / "tokenizer", root / "model")
+    return root / "model"
+

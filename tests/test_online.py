@@ -218,7 +218,15 @@ def test_divergence_counts_positions_first_differences_and_changed_decisions():
     assert gap.token_rate == pytest.approx(3 / 9)  # [4,5] vs [4,6,6]: 2; [7,8,9] vs [7,0,9]: 1
     assert gap.examples_diverged == pytest.approx(2 / 3)
     assert gap.first_positions == [1, 1]
-    assert gap.decision_changed == pytest.approx(1 / 2)  # example 3 exited at 3 online, 2 replay
+    assert gap.causes == {}  # no full-depth tokens: no causes
+    # causes: example 2 parts at 1 with the same input (4 = recorded) and exit: state;
+    # example 3 parts at 1, its input 7 differs from the recorded 2: fed back
+    full_depth = [[1, 2, 3], [4, 6, 6], [2, 0, 9]]
+    gap = divergence(online, replayed, exits_online, exits_replay, full_depth)
+    assert gap.causes == {"fed_back": 0.5, "decision": 0.0, "state": 0.5}
+    exits_online[1] = [1, 2]  # example 2 now exits elsewhere at its first difference
+    gap = divergence(online, replayed, exits_online, exits_replay, full_depth)
+    assert gap.causes == {"fed_back": 0.5, "decision": 0.5, "state": 0.0}
     assert divergence([[1]], [[1, 2]]).first_positions == [1]
     assert [c.tolist() for c in cut_at_eos([np.array([3, 1, 4]), np.array([5])], 1)] == [[3], [5]]
 
@@ -235,33 +243,8 @@ def test_online_thresholds_spread_over_the_sweep():
         or len(picked) == 3 and picked[0] == pytest.approx(1 / 6) and picked[-1] == 1.0
 
 
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory, samples_dir):
-    """A random tiny T5 with a SentencePiece tokenizer trained on the SQuAD sample, saved
-    like a backbone the suite trains (random weights: test use only)."""
-    from suite.tokenizer import (
-        TokenizerSettings,
-        copy_tokenizer_files,
-        load_tokenizer,
-        task_texts,
-        train_tokenizer,
-    )
-
-    root = tmp_path_factory.mktemp("online-backbone")
-    texts, _ = task_texts(["squad"], "validation[:150]", samples_dir)
-    heldout, _ = task_texts(["squad"], "validation[150:170]", samples_dir)
-    train_tokenizer(texts, heldout, root / "tokenizer",
-                    TokenizerSettings(vocab_size=600, max_unk_rate=0.05, extra_ids=0))
-    vocab_size = len(load_tokenizer(root / "tokenizer"))
-    model = random_t5(seed=0, vocab_size=vocab_size, d_model=32, d_ff=64, num_layers=3,
-                      num_decoder_layers=3, num_heads=2, d_kv=16)
-    model.save_pretrained(root / "model")
-    copy_tokenizer_files(root / "tokenizer", root / "model")
-    return root / "model"
-
-
 def test_fidelity_command_writes_report_rows_and_reuses_finished_measures(
-        saved_model, samples_dir, tmp_path, capsys):
+        random_backbone, samples_dir, tmp_path, capsys):
     import json
 
     import yaml
@@ -273,7 +256,7 @@ def test_fidelity_command_writes_report_rows_and_reuses_finished_measures(
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
         "name": "fidelity-test", "output_dir": str(out), "data_dir": str(samples_dir),
-        "models": [{"name": "random", "path": str(saved_model), "label": "random weights"}],
+        "models": [{"name": "random", "path": str(random_backbone), "label": "random weights"}],
         "tasks": [{"name": "squad", "split": "validation[:6]", "max_new_tokens": 8}],
         "measures": ["softmax_margin", "static_layer"], "profiles": ["generic_cpu"],
         "online": {"batch_sizes": [1, 4], "num_thresholds": 2, "threads": 1},

@@ -24,24 +24,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, samples_dir):
-    from suite.models import random_t5
-    from suite.tokenizer import TokenizerSettings, copy_tokenizer_files, task_texts, train_tokenizer
-
-    root = tmp_path_factory.mktemp("backbone")
-    texts, _ = task_texts(["squad"], "validation[:150]", samples_dir)
-    heldout, _ = task_texts(["squad"], "validation[150:170]", samples_dir)
-    train_tokenizer(texts, heldout, root / "tokenizer",
-                    TokenizerSettings(vocab_size=600, max_unk_rate=0.05, extra_ids=0))
-    from suite.tokenizer import load_tokenizer
-
-    vocab_size = len(load_tokenizer(root / "tokenizer"))
-    model = random_t5(seed=0, vocab_size=vocab_size, d_model=32, d_ff=64, num_layers=3,
-                      num_decoder_layers=3, num_heads=2, d_kv=16)
-    folder = root / "model"
-    model.save_pretrained(folder)
-    copy_tokenizer_files(root / "tokenizer", folder)
-    return folder
+def model_dir(random_backbone):
+    return random_backbone
 
 
 @pytest.fixture(scope="module")

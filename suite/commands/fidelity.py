@@ -15,9 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "measures and thresholds over the traces, prices them on the profile of "
                     "`online.profile` (default: the first of `profiles`) and writes "
                     "<output_dir>/fidelity/fidelity.json and fidelity.md.")
-    parser.add_argument("--config", required=True, help="suite config (YAML)")
-    parser.add_argument("--no-leaderboard", action="store_true", help="skip building the site")
-    parser.add_argument("--no-progress", action="store_true")
+    from suite.commands.online import add_arguments
+
+    add_arguments(parser)
     parser.set_defaults(func=run)
 
 

@@ -14,10 +14,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "propagation), timed beside full-depth decoding of the same examples. "
                     "Rows (mode: online) join the run's results; finished measures are reused "
                     "on a rerun. Settings: the config's `online:` section.")
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options `online` and `fidelity` share."""
     parser.add_argument("--config", required=True, help="suite config (YAML)")
     parser.add_argument("--no-leaderboard", action="store_true", help="skip building the site")
     parser.add_argument("--no-progress", action="store_true")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
