@@ -290,8 +290,11 @@ class TraceStore:
 
     def open(self, manifest: TraceManifest) -> TraceManifest:
         """Start or continue a trace directory for ``manifest``'s identity. Shards already
-        recorded for the same identity are kept (so a killed run resumes); a directory
-        recorded with other settings is an error, not silently overwritten."""
+        recorded for the same identity are kept (so a killed run resumes) with the
+        provenance of the recording that started the directory (suite version, git commit):
+        reopening a complete directory rewrites nothing, so its manifest's hash -- which
+        result rows and stored parts are keyed by -- stays put. A directory recorded with
+        other settings is an error, not silently overwritten."""
         if self.exists():
             old = self.read_manifest()
             if old.identity() != manifest.identity():
@@ -299,7 +302,10 @@ class TraceStore:
                 raise ExitbenchError(
                     f"{self.root} holds traces recorded with other settings ({', '.join(differ)} "
                     f"differ); choose another output_dir or delete that folder")
-            manifest.shards = [s for s in old.shards if (self.root / s.file).is_file()]
+            kept = [s for s in old.shards if (self.root / s.file).is_file()]
+            if len(kept) == len(old.shards):
+                return old
+            manifest = dataclasses.replace(old, shards=kept)
         self.write_manifest(manifest)
         return manifest
 

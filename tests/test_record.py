@@ -97,9 +97,14 @@ def test_record_round_trip_and_resume(trained_model, samples_dir, tmp_path):
     assert manifest.git_commit is None or len(manifest.git_commit) == 40
     assert [s.first_example for s in manifest.shards] == [0, 2, 4]
 
-    # Resume: nothing to do; a missing shard is the only one recorded again.
+    # Resume: nothing to do (and nothing rewritten: the manifest's hash, which results are
+    # keyed by, stays put); a missing shard is the only one recorded again.
+    from suite.traces import sha256_file
+
+    manifest_hash = sha256_file(store.manifest_path)
     again = _record(trained_model, trace_dir, samples_dir)
     assert (again.shards_written, again.shards_skipped) == (0, 3)
+    assert sha256_file(store.manifest_path) == manifest_hash
     (trace_dir / manifest.shards[1].file).unlink()
     again = _record(trained_model, trace_dir, samples_dir)
     assert (again.shards_written, again.shards_skipped) == (1, 2)

@@ -10,8 +10,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "fidelity", help="how far replay can be trusted: replay-predicted and online-measured "
                          "quality and tokens/s side by side, token divergence and where "
                          "replay and online part",
-        description="Records the generated traces when missing, decodes online (as "
-                    "`exitbench online`, reusing finished measures), replays the same "
+        description="Records the generated traces when missing, replays every measure "
+                    "(as `exitbench replay`), decodes online (as "
+                    "`exitbench online`, reusing finished measures), sets beside each online "
+                    "point the replay of the same "
                     "measures and thresholds over the traces, prices them on the profile of "
                     "`online.profile` (default: the first of `profiles`) and writes "
                     "<output_dir>/fidelity/fidelity.json and fidelity.md.")
@@ -28,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from suite.config import load_config
     from suite.fidelity import run_online, write_fidelity_report
     from suite.record import record_task
-    from suite.runner import ensure_backbones, record_jobs
+    from suite.runner import ensure_backbones, record_jobs, replay_suite
 
     config = load_config(args.config)
     ensure_backbones(config, progress=not args.no_progress)
@@ -37,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
                     device=config.device, dtype=config.dtype, seed=config.seed,
                     batch_size=config.record_batch_size, shard_size=config.shard_size,
                     progress=not args.no_progress)
+    # the replayed rows of every threshold, so the site sets online points beside them
+    replay_suite(config, args.config, progress=not args.no_progress, use_ray=False,
+                 build_leaderboard=False)
     report = run_online(config, progress=not args.no_progress)
     print(publish(config, report, build_site=not args.no_leaderboard))
     path = write_fidelity_report(config, Path(config.output_dir) / "fidelity")
