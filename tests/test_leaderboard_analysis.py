@@ -47,7 +47,9 @@ class Page(HTMLParser):
             self.cells.append(data)
 
 
-def _write_analysis(run) -> None:
+def write_hostile_analysis(run) -> None:
+    """Analyses written by suite.analysis for constructed traces whose example id and model
+    label are markup (they must show as text)."""
     rng = np.random.default_rng(1)
     analyses = []
     for model in ("tiny-vanilla", "tiny-calm"):
@@ -71,7 +73,7 @@ def _write_analysis(run) -> None:
 
 def test_analysis_page_shows_figures_and_escaped_tables(tmp_path):
     run = make_run(tmp_path)
-    _write_analysis(run)
+    write_hostile_analysis(run)
     site = build_site_report(run, tmp_path / "site")
     out = site.index.parent
     page_path = out / "analysis.html"

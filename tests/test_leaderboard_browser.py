@@ -24,6 +24,7 @@ from urllib.parse import urldefrag, urlsplit
 
 import pytest
 from test_leaderboard import HOSTILE, make_run
+from test_leaderboard_analysis import write_hostile_analysis
 
 from leaderboard import build_site
 from suite.results import read_results
@@ -65,6 +66,7 @@ def served(tmp_path_factory):
     """(url of index.html, site folder, rows) with the CLI's server running."""
     root = tmp_path_factory.mktemp("browser")
     run = make_run(root)
+    write_hostile_analysis(run)  # the analyses page with real figures and hostile ids
     index = build_site(run, root / "site")
     log = open(root / "serve.log", "w")  # closed in the finally below
     process = subprocess.Popen(
