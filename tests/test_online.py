@@ -278,7 +278,10 @@ def test_fidelity_command_writes_report_rows_and_reuses_finished_measures(
         traces = read_shard(point["traces"], point["traces_sha256"])
         assert traces.exit_layer is not None and traces.num_tokens == point["online_tokens"]
     rows = read_results(out / "results")
-    assert {r.mode for r in rows} == {"online"} and len(rows) == 8
+    online_rows = [r for r in rows if r.mode == "online"]
+    assert len(online_rows) == 8 and {r.mode for r in rows} == {"online", "replay"}
+    # replayed rows of every threshold of the same measures sit beside them
+    assert {r.measure for r in rows if r.mode == "replay"} == {"softmax_margin", "static_layer"}
     assert (out / "fidelity" / "fidelity.md").read_text().count("| squad |") >= 8
     # a rerun reuses the stored measures
     assert main(["online", "--config", str(config), "--no-progress",
