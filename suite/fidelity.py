@@ -30,7 +30,6 @@ results beside the replayed rows.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import platform
@@ -45,9 +44,12 @@ import numpy as np
 from suite.atomic import atomic_write_json
 from suite.config import MeasureConfig, ModelConfig, SuiteConfig, TaskConfig
 from suite.errors import ExitbenchError
+from suite.keys import content_key, file_stem
 from suite.measures import Measure, code_hash
 from suite.online import ExitPolicy, OnlineRun, decode_examples, decode_paired
+from suite.replay import ScoreCache
 from suite.results import ResultRow
+from suite.sweep import Detokenizer
 from suite.traces import TraceArrays, write_shard
 
 logger = logging.getLogger(__name__)
@@ -167,20 +169,14 @@ def online_thresholds(config: SuiteConfig, measure_config: MeasureConfig, measur
 
 # -- the stored parts -------------------------------------------------------------------------
 def online_part_path(output_dir: str | Path, task: str, model: str, measure: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in measure)
-    return Path(output_dir) / "online" / task / model / f"{safe}.json"
+    return Path(output_dir) / "online" / task / model / f"{file_stem(measure)}.json"
 
 
 def online_traces_path(output_dir: str | Path, task: str, model: str, measure: str,
                        threshold: float, batch_size: int) -> Path:
     """Where the traces of one online point (emitted tokens, ``exit_layer``) are written."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in measure)
-    return (Path(output_dir) / "online" / task / model / "traces" / safe
+    return (Path(output_dir) / "online" / task / model / "traces" / file_stem(measure)
             / f"threshold-{threshold:.6g}-batch-{batch_size}.arrow")
-
-
-def _part_key(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def stored_parts(config: SuiteConfig):
@@ -222,23 +218,26 @@ class OnlineContext:
     traces_hash: str
     model_hash: str
     profile: Any
-    quality_cache: dict[str, dict]
+    detokenize: Detokenizer
+    scores: ScoreCache
+    """Metric results by output hash: thresholds that decode alike are scored once."""
 
     @property
     def example_ids(self) -> list[str]:
         return [e.id for e in self.examples]
 
     def quality(self, sequences: Sequence[Sequence[int]]) -> dict:
+        """``{"scores", "primary"}`` of the task metric for per-example token lists."""
         from suite.metrics import get_metric
         from suite.replay import outputs_hash
 
-        texts = [t.strip() for t in self.tokenizer.batch_decode(
-            [list(map(int, s)) for s in sequences], skip_special_tokens=True)]
-        key = outputs_hash(texts)
-        if key not in self.quality_cache:
+        texts = self.detokenize([list(map(int, s)) for s in sequences])
+
+        def compute() -> dict:
             result = get_metric(self.task.metric)(texts, self.references)
-            self.quality_cache[key] = {"scores": result.scores, "primary": result.primary}
-        return self.quality_cache[key]
+            return {"scores": result.scores, "primary": result.primary}
+
+        return self.scores.get_or_compute(outputs_hash(texts), compute)
 
 
 def open_context(config: SuiteConfig, task_config: TaskConfig, model_config: ModelConfig
@@ -247,13 +246,10 @@ def open_context(config: SuiteConfig, task_config: TaskConfig, model_config: Mod
     from suite.profiles import get_profile
     from suite.record import encode_texts
     from suite.runner import trace_dir
-    from suite.tasks import get_task, load_examples
+    from suite.tasks import load_examples, task_spec
     from suite.traces import TraceStore, sha256_file
 
-    task = get_task(task_config.name).with_limits(
-        max_source_tokens=task_config.max_source_tokens,
-        max_target_tokens=task_config.max_target_tokens,
-        max_new_tokens=task_config.max_new_tokens)
+    task = task_spec(task_config)
     examples = load_examples(task, task_config.split, config.data_dir, task_config.limit)
     if not examples:
         raise ExitbenchError(f"task {task.name}: split {task_config.split!r} has no examples")
@@ -280,7 +276,8 @@ def open_context(config: SuiteConfig, task_config: TaskConfig, model_config: Mod
                          adapter=adapter, tokenizer=tokenizer, task=task, examples=examples,
                          sources=sources, references=[e.references for e in examples],
                          traces=traces, traces_hash=traces_hash, model_hash=model_hash,
-                         profile=profile, quality_cache={})
+                         profile=profile, detokenize=Detokenizer(tokenizer),
+                         scores=ScoreCache())
 
 
 @dataclass(frozen=True)
@@ -490,14 +487,20 @@ def part_key(ctx: OnlineContext, measure_config: MeasureConfig) -> str:
 
     from suite import __version__
     from suite.measures import get_measure
+    from suite.traces import sha256_file
 
-    return _part_key({
+    fit_dir = _fit_dir(ctx.config, ctx.task_config, ctx.model_config)
+    needs_fit = get_measure(measure_config.name).needs_fit
+    return content_key({
         "model": ctx.model_hash, "traces": ctx.traces_hash,
+        "fit": sha256_file(fit_dir / "manifest.json") if needs_fit and fit_dir else "",
         "examples": ctx.example_ids, "task": ctx.task_config.model_dump(mode="json"),
         "measure": measure_config.model_dump(mode="json"),
         "code": code_hash(get_measure(measure_config.name)),
         "online": ctx.config.online.model_dump(mode="json"),
-        "profile": ctx.profile.model_dump(mode="json") if ctx.profile is not None else None,
+        # the profile's figures price the points; where its file lies does not
+        "profile": (ctx.profile.model_dump(mode="json", exclude={"path"})
+                    if ctx.profile is not None else None),
         "device": ctx.config.device, "dtype": ctx.config.dtype, "seed": ctx.config.seed,
         "threads": torch.get_num_threads(), "suite": __version__})
 

@@ -55,10 +55,15 @@ from suite.decoding import (
 from suite.errors import ExitbenchError
 from suite.measures import Measure
 from suite.models import DecoderAdapter
-from suite.traces import LAYER_FIELDS, TraceArrays
+from suite.traces import (
+    LAYER_FIELDS,
+    LOOK_AHEAD_LAYER_FIELDS,
+    LOOK_AHEAD_TOKEN_FIELDS,
+    TraceArrays,
+)
 
 HEAD_FIELDS = frozenset({"top1_id", "top1_prob", "top2_prob"})
-LOOK_AHEAD_FIELDS = frozenset({"final_id", "gold_id", "cos_last", "final_prob"})
+LOOK_AHEAD_FIELDS = frozenset(LOOK_AHEAD_TOKEN_FIELDS + LOOK_AHEAD_LAYER_FIELDS)
 """Fields that depend on the last layer or the reference: unknown while decoding."""
 
 
@@ -109,6 +114,9 @@ class LayerScorer:
         batch, layers = len(example_ids), adapter.num_layers
         self.example_id = example_ids
         self.position = np.zeros(batch, np.int32)
+        self.unknown_token = np.full(batch, -1, np.int32)
+        """``final_id`` and ``gold_id``: not known while decoding (look-ahead measures are
+        refused)."""
         self.fields = {name: np.empty((batch, layers), dtype)
                        for name, dtype in LAYER_FIELDS.items()}
         self.hidden = (np.zeros((batch, layers, adapter.dims.d_model), np.float32)
@@ -144,8 +152,8 @@ class LayerScorer:
         """``[B]`` scores at ``layer`` (the measure's ``scores`` on this step's rows)."""
         batch, layers = self.fields["top1_id"].shape
         traces = TraceArrays(example_id=self.example_id, position=self.position,
-                             final_id=np.full(batch, -1, np.int32),
-                             gold_id=np.full(batch, -1, np.int32), hidden=self.hidden,
+                             final_id=self.unknown_token, gold_id=self.unknown_token,
+                             hidden=self.hidden,
                              **self.fields)
         scores = np.asarray(self.policy.measure.scores(traces))
         if scores.shape != (batch, layers):
@@ -165,9 +173,6 @@ class OnlineOutput:
     decoded: DecodeOutput
     traces: TraceArrays
     """The emitted tokens in (example, position) order, ``exit_layer`` set."""
-    layer_runs: int
-    """Decoder-layer passes over the batch (one per layer per step; FREE's catch-up passes
-    count once per layer, whatever their query length)."""
     state: object = None
     """The adapter's decode state at the end (its KV cache), for inspection."""
 
@@ -200,7 +205,6 @@ def online_greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
                                   dtype=adapter.dtype, device=device) if free else None)
     deep_done = 0  # FREE: positions whose deep layers hold real K/V, for every row
     steps, step_exits, step_alive, step_fields = [], [], [], []
-    layer_runs = 0
     for step in range(max_new_tokens):
         scorer.start_step(step)
         hidden = adapter.begin_step(state, next_ids)
@@ -209,7 +213,6 @@ def online_greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
         known_top1 = torch.full((batch,), -1, dtype=torch.long, device=device)
         for layer in range(num_layers):
             output = adapter.run_layer(state, layer, hidden)
-            layer_runs += 1
             previous = hidden
             hidden = torch.where(exited[:, None, None], hidden, output)
             if layer == last:
@@ -235,7 +238,6 @@ def online_greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
                 deep = shallow_states[:, deep_done:step + 1]
                 for deep_layer in range(layer + 1, num_layers):
                     deep = adapter.run_layer(state, deep_layer, deep)
-                    layer_runs += 1
                 deep_done = step + 1
                 hidden = torch.where(exited[:, None, None], hidden, deep[:, -1:])
                 break
@@ -258,7 +260,7 @@ def online_greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
             break
     return OnlineOutput(decoded=_decoded(steps, step_alive),
                         traces=_online_traces(ids, steps, step_exits, step_alive, step_fields),
-                        layer_runs=layer_runs, state=state)
+                        state=state)
 
 
 def _decoded(steps: list[torch.Tensor], step_alive: list[torch.Tensor]) -> DecodeOutput:
@@ -292,7 +294,6 @@ class OnlineRun:
     """Emitted tokens; ``exit_layer`` is the last layer throughout for full-depth runs."""
     seconds: float
     """Wall-clock seconds of all batches (encoder, decoding, exits; no tokenisation)."""
-    layer_runs: int
 
     @property
     def num_tokens(self) -> int:
@@ -310,21 +311,21 @@ def _synchronise(device: torch.device) -> None:
 
 def _decode_batch(adapter: DecoderAdapter, sources: Sequence[Sequence[int]],
                   ids: list[str], max_new_tokens: int, policy: ExitPolicy | None
-                  ) -> tuple[TraceArrays, float, int]:
-    """One batch, timed: ``(traces, seconds, layer runs)``."""
+                  ) -> OnlineRun:
+    """One batch, timed (``policy=None``: full depth)."""
     input_ids, attention_mask = pad_batch(sources, adapter.pad_token_id)
     _synchronise(adapter.device)
     started = time.perf_counter()
     if policy is None:
         decoded = greedy_decode(adapter, input_ids, attention_mask, max_new_tokens)
-        _synchronise(adapter.device)
-        seconds = time.perf_counter() - started
-        return (_full_depth_traces(decoded, ids, adapter.num_layers), seconds,
-                decoded.token_ids.shape[1] * adapter.num_layers)
-    output = online_greedy_decode(adapter, input_ids, attention_mask, ids, max_new_tokens,
-                                  policy)
+    else:
+        output = online_greedy_decode(adapter, input_ids, attention_mask, ids, max_new_tokens,
+                                      policy)
     _synchronise(adapter.device)
-    return output.traces, time.perf_counter() - started, output.layer_runs
+    seconds = time.perf_counter() - started
+    traces = (_full_depth_traces(decoded, ids, adapter.num_layers) if policy is None
+              else output.traces)
+    return OnlineRun(traces=traces, seconds=seconds)
 
 
 def _batches(sources: Sequence[Sequence[int]], example_ids: Sequence[str], batch_size: int):
@@ -337,9 +338,9 @@ def _batches(sources: Sequence[Sequence[int]], example_ids: Sequence[str], batch
         yield sources[rows], list(example_ids[rows])
 
 
-def _joined(parts: list[tuple[TraceArrays, float, int]]) -> OnlineRun:
-    return OnlineRun(traces=TraceArrays.concat([p[0] for p in parts]),
-                     seconds=sum(p[1] for p in parts), layer_runs=sum(p[2] for p in parts))
+def _joined(parts: list[OnlineRun]) -> OnlineRun:
+    return OnlineRun(traces=TraceArrays.concat([p.traces for p in parts]),
+                     seconds=sum(p.seconds for p in parts))
 
 
 def decode_examples(adapter: DecoderAdapter, sources: Sequence[Sequence[int]],

@@ -19,8 +19,6 @@ tokenizers this is the same as ``tokenizer(text, truncation=True, max_length=n)`
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +37,7 @@ from suite.decoding import (
     traced_greedy_decode,
 )
 from suite.errors import ExitbenchError
+from suite.keys import content_key
 from suite.models import (
     T5Adapter,
     load_tokenizer,
@@ -46,7 +45,7 @@ from suite.models import (
     tokenizer_sha256,
     weights_sha256,
 )
-from suite.tasks import Example, get_task, load_examples
+from suite.tasks import Example, get_task, load_examples, task_spec
 from suite.traces import TraceArrays, TraceManifest, TraceStore, hash_strings, sha256_file
 
 KINDS = ("generated", "forced")
@@ -168,7 +167,7 @@ def git_commit(root: Path = REPO_ROOT) -> str | None:
 def _shard_key(manifest: TraceManifest, first: int, end: int, example_ids: Sequence[str]) -> str:
     payload = {"identity": manifest.identity(), "first": first, "end": end,
                "example_ids": hash_strings(list(example_ids))}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return content_key(payload)
 
 
 @dataclass(frozen=True)
@@ -213,10 +212,7 @@ def plan_record(task_config: TaskConfig, model: ModelConfig, kind: str, trace_di
     """Open (or start) the trace directory and list the shards still to record."""
     if kind not in KINDS:
         raise ExitbenchError(f"trace kind {kind!r} is not one of {', '.join(KINDS)}")
-    task = get_task(task_config.name).with_limits(
-        max_source_tokens=task_config.max_source_tokens,
-        max_target_tokens=task_config.max_target_tokens,
-        max_new_tokens=task_config.max_new_tokens)
+    task = task_spec(task_config)
     examples = _cached_examples(task.name, task_config.split, data_dir, task_config.limit)
     example_ids = [e.id for e in examples]
     folder = resolve_model_folder(model.path)

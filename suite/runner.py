@@ -26,7 +26,6 @@ and every shard's hash.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ from suite import __version__
 from suite.atomic import atomic_write_json
 from suite.config import MeasureConfig, ModelConfig, SuiteConfig, TaskConfig
 from suite.errors import ExitbenchError
+from suite.keys import content_key, file_stem
 
 logger = logging.getLogger(__name__)
 
@@ -282,12 +282,11 @@ def part_key(config: SuiteConfig, task: TaskConfig, model: ModelConfig,
         "batch_sizes": config.batch_sizes, "dtype": config.dtype, "seed": config.seed,
         "task": task.model_dump(mode="json"), "suite": __version__,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return content_key(payload)
 
 
 def _part_path(output_dir: str | Path, task: str, model: str, measure: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in measure)
-    return Path(output_dir) / "results" / "parts" / task / model / f"{safe}.json"
+    return Path(output_dir) / "results" / "parts" / task / model / f"{file_stem(measure)}.json"
 
 
 def replay_group(config: SuiteConfig, task: TaskConfig, model: ModelConfig,
@@ -295,11 +294,9 @@ def replay_group(config: SuiteConfig, task: TaskConfig, model: ModelConfig,
     """Fit, replay, score and price ``measures`` on one (task, model); plain data out."""
     from suite.replay import ScoreCache
     from suite.sweep import SweepInputs, sweep
-    from suite.tasks import get_task
+    from suite.tasks import task_spec
 
-    spec = get_task(task.name).with_limits(max_source_tokens=task.max_source_tokens,
-                                           max_target_tokens=task.max_target_tokens,
-                                           max_new_tokens=task.max_new_tokens)
+    spec = task_spec(task)
     fit_dir = trace_dir(config.output_dir, task.name, model.name, "fit")
     inputs = SweepInputs(task=spec, split=task.split, model=model, limit=task.limit,
                          trace_dir=trace_dir(config.output_dir, task.name, model.name),
@@ -513,8 +510,7 @@ def run_validate_stage(config: SuiteConfig) -> tuple[StageReport, SuiteConfig]:
     for measure in config.measures:
         cls = MEASURES.get(measure.name)
         path = Path(config.output_dir) / "validation" / f"{measure.display_name}.json"
-        key = hashlib.sha256(json.dumps([code_hash(cls), measure.options],
-                                        sort_keys=True).encode()).hexdigest()
+        key = content_key([code_hash(cls), measure.options])
         if path.is_file():
             old = json.loads(path.read_text("utf-8"))
             if old.get("key") == key:

@@ -24,12 +24,15 @@ import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from suite.errors import DataError
 from suite.registry import Registry
+
+if TYPE_CHECKING:
+    from suite.config import TaskConfig
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 DATA_DIR_ENV = "EXITBENCH_DATA_DIR"
@@ -147,6 +150,14 @@ TASKS: Registry[TaskSpec] = Registry("task", "exitbench.tasks", _discover_builti
 
 def get_task(name: str) -> TaskSpec:
     return TASKS.get(name)
+
+
+def task_spec(task: TaskConfig) -> TaskSpec:
+    """The registered task with a config entry's limits applied (unset ones keep the task's
+    defaults)."""
+    return get_task(task.name).with_limits(max_source_tokens=task.max_source_tokens,
+                                           max_target_tokens=task.max_target_tokens,
+                                           max_new_tokens=task.max_new_tokens)
 
 
 # -- data loading -----------------------------------------------------------------

@@ -48,6 +48,11 @@ LAYER_FIELDS: dict[str, type] = {"top1_id": np.int32, "top1_prob": np.float32,
                                  "cos_last": np.float32, "final_prob": np.float32}
 TOKEN_FIELDS: dict[str, type] = {"position": np.int32, "final_id": np.int32, "gold_id": np.int32}
 OPTIONAL_TOKEN_FIELDS: dict[str, type] = {"exit_layer": np.int32}
+LOOK_AHEAD_TOKEN_FIELDS: tuple[str, ...] = ("final_id", "gold_id")
+"""Per-token fields not known while decoding: the last layer's top-1, the reference."""
+LOOK_AHEAD_LAYER_FIELDS: tuple[str, ...] = ("cos_last", "final_prob")
+"""Per-layer fields that depend on the last layer at every layer (its hidden state, its
+prediction): measures that read them look ahead, like the oracle."""
 
 
 class TraceIntegrityError(ExitbenchError):

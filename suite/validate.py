@@ -33,7 +33,12 @@ import numpy as np
 from suite.errors import ExitbenchError
 from suite.measures import MEASURES, TRACE_FIELDS, CheckCost, Measure, ModelDims
 from suite.registry import closest_names, import_object
-from suite.traces import LAYER_FIELDS, TraceArrays
+from suite.traces import (
+    LAYER_FIELDS,
+    LOOK_AHEAD_LAYER_FIELDS,
+    LOOK_AHEAD_TOKEN_FIELDS,
+    TraceArrays,
+)
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 VALIDATION_EPOCHS = 2
@@ -48,12 +53,9 @@ COST_DIMS: dict[str, ModelDims] = {
 }
 """Model sizes at which the declared cost is evaluated."""
 PER_TOKEN_FIELDS = ("example_id", "position", "final_id", "gold_id")
-LOOK_AHEAD_TOKEN_FIELDS = ("final_id", "gold_id")
-"""Per-token fields not known while decoding a layer: ``final_id`` is the last layer's top-1,
-``gold_id`` the reference. The causality checks change them with the layers above."""
-LOOK_AHEAD_LAYER_FIELDS = ("final_prob",)
-"""Per-layer fields that depend on the last layer at every layer (``final_prob`` is the
-probability of ``final_id``): the layer-causality check changes them at all layers."""
+# The causality checks change the look-ahead fields of suite.traces with the layers above:
+# per-token ones (final_id, gold_id) with every layer but the last, per-layer ones
+# (cos_last, final_prob) at every layer.
 
 
 # -- synthetic traces -----------------------------------------------------------------------
@@ -540,7 +542,7 @@ class LayerCausalityCheck(Check):
             changed = first_difference(base[:, :layer + 1], scores[:, :layer + 1])
             if changed is not None:
                 count, token, at = changed
-                what = (f"layers > {layer}, final_id, final_prob and gold_id"
+                what = (f"layers > {layer}, final_id, gold_id, cos_last and final_prob"
                         if layer < num_layers - 1
                         else "gold_id")
                 return FAIL, (f"peeks ahead: changing only {what} changed {count} score(s) at "

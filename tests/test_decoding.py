@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hf_reference import hf_forward
 
 from suite.decoding import (
     forced_traces,
@@ -47,19 +48,8 @@ def _hf_teacher_forced(model, ids, mask, targets: list[np.ndarray]):
     """HF's forward over start + targets[:-1]: logits, hidden states (embeddings, then each
     layer un-normed; the last from a hook since HF's last entry is normed)."""
     decoder_inputs, _ = pad_batch([[0, *t[:-1].tolist()] for t in targets], 0)
-    captured = {}
-
-    def keep_output(module, args, output) -> None:
-        captured["last"] = output[0]
-
-    hook = model.decoder.block[-1].register_forward_hook(keep_output)
-    try:
-        with torch.inference_mode():
-            out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_inputs,
-                        output_hidden_states=True)
-    finally:
-        hook.remove()
-    states = torch.stack([*out.decoder_hidden_states[:-1], captured["last"]])  # [L+1, B, T, d]
+    out, last = hf_forward(model, ids, mask, decoder_inputs)
+    states = torch.stack([*out.decoder_hidden_states[:-1], last])  # [L+1, B, T, d]
     valid = torch.zeros(decoder_inputs.shape, dtype=torch.bool)
     for row, target in enumerate(targets):
         valid[row, : len(target)] = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_reference import hf_forward
 
 from suite.errors import ExitbenchError
 from suite.measures import ModelDims
@@ -47,24 +48,6 @@ def _our_layers(adapter: T5Adapter, ids, mask, decoder_inputs) -> list[torch.Ten
     return outputs
 
 
-def _hf_forward(model, ids, mask, decoder_inputs):
-    """HF's logits and hidden states, plus the last block's un-normed output (HF's
-    ``decoder_hidden_states[-1]`` is already normed, so a hook reads the raw one)."""
-    captured = {}
-
-    def keep_output(module, args, output) -> None:  # returning a value would replace it
-        captured["last"] = output[0]
-
-    hook = model.decoder.block[-1].register_forward_hook(keep_output)
-    try:
-        with torch.inference_mode():
-            out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_inputs,
-                        output_hidden_states=True)
-    finally:
-        hook.remove()
-    return out, captured["last"]
-
-
 @pytest.fixture(scope="module")
 def t5_small():
     return T5Adapter(random_t5(seed=0), model_id="random-t5-small")
@@ -84,7 +67,7 @@ def test_adapter_reports_depth_dims_and_implements_the_protocol(t5_small):
 def test_exit_logits_match_hf_at_the_last_and_intermediate_layers(t5_small):
     model = t5_small.model
     ids, mask, decoder_inputs = _inputs(model.config.vocab_size)
-    out, hf_last_raw = _hf_forward(model, ids, mask, decoder_inputs)
+    out, hf_last_raw = hf_forward(model, ids, mask, decoder_inputs)
     ours = _our_layers(t5_small, ids, mask, decoder_inputs)
     hf_states = out.decoder_hidden_states
     assert len(hf_states) == len(ours) == 7
@@ -119,7 +102,7 @@ def test_untied_and_mt5_heads_do_not_scale(flavour):
     assert scales_decoder_outputs(model.config) is False
     adapter = T5Adapter(model)
     ids, mask, decoder_inputs = _inputs(TINY["vocab_size"])
-    out, hf_last_raw = _hf_forward(model, ids, mask, decoder_inputs)
+    out, hf_last_raw = hf_forward(model, ids, mask, decoder_inputs)
     ours = _our_layers(adapter, ids, mask, decoder_inputs)
     with torch.inference_mode():
         torch.testing.assert_close(adapter.exit_logits(2, ours[-1]), out.logits,
@@ -133,7 +116,7 @@ def test_tied_t5_head_scales_and_already_normed_skips_the_norm():
     model = random_t5(seed=0, **TINY)
     assert scales_decoder_outputs(model.config) is True
     ids, mask, decoder_inputs = _inputs(TINY["vocab_size"])
-    out, _ = _hf_forward(model, ids, mask, decoder_inputs)
+    out, _ = hf_forward(model, ids, mask, decoder_inputs)
     with torch.inference_mode():
         torch.testing.assert_close(
             t5_exit_logits(model, out.decoder_hidden_states[-1], already_normed=True),
@@ -146,7 +129,7 @@ def test_bfloat16_adapter_casts_and_matches_hf_in_bfloat16():
     assert adapter.dtype == torch.bfloat16
     assert model.lm_head.weight.dtype == torch.bfloat16
     ids, mask, decoder_inputs = _inputs(TINY["vocab_size"])
-    out, _ = _hf_forward(model, ids, mask, decoder_inputs)
+    out, _ = hf_forward(model, ids, mask, decoder_inputs)
     ours = _our_layers(adapter, ids, mask, decoder_inputs)
     with torch.inference_mode():
         logits = adapter.exit_logits(2, ours[-1])
@@ -160,7 +143,7 @@ def test_load_from_a_local_folder_and_hash_the_weights(tmp_path):
     adapter = T5Adapter.load(str(tmp_path / "m"))
     assert adapter.num_layers == 3 and adapter.model_id == str(tmp_path / "m")
     ids, mask, decoder_inputs = _inputs(TINY["vocab_size"])
-    out, _ = _hf_forward(model, ids, mask, decoder_inputs)
+    out, _ = hf_forward(model, ids, mask, decoder_inputs)
     ours = _our_layers(adapter, ids, mask, decoder_inputs)
     with torch.inference_mode():
         torch.testing.assert_close(adapter.exit_logits(2, ours[-1]), out.logits)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hf_reference import hf_forward
 
 from suite.decoding import greedy_decode, pad_batch, traced_greedy_decode
 from suite.errors import ExitbenchError
@@ -71,12 +72,9 @@ def test_batched_and_batch_1_decoding_agree(setup, name, threshold, options):
 
 
 def _hf_states(adapter, ids, mask, tokens):
-    """HF's own teacher-forced pass over ``tokens``: every layer's hidden state."""
-    model = adapter.model
+    """HF's own teacher-forced pass over ``tokens``: hidden states and logits."""
     decoder_inputs = torch.tensor([[adapter.decoder_start_token_id, *tokens[:-1]]])
-    with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_inputs,
-                    output_hidden_states=True, use_cache=False)
+    out, _ = hf_forward(adapter.model, ids, mask, decoder_inputs)
     return out.decoder_hidden_states, out.logits
 
 

@@ -74,6 +74,13 @@ class ReadsFinalProb(Top1):
         return traces.final_prob.astype(np.float64)
 
 
+class ReadsCosLast(Top1):
+    reads = frozenset({"cos_last"})
+
+    def scores(self, traces):
+        return traces.cos_last.astype(np.float64)
+
+
 class ReadsNextToken(Top1):
     def scores(self, traces):
         top1 = traces.top1_prob.astype(np.float64)
@@ -200,6 +207,7 @@ def test_a_correct_measure_passes_every_check():
     (ReadsNextLayer, "causality", "peeks ahead"),
     (ReadsFinalToken, "causality", "final_id"),
     (ReadsFinalProb, "causality", "final_prob"),
+    (ReadsCosLast, "causality", "cos_last"),
     (ReadsNextToken, "causality-tokens", "later tokens"),
     (Raises, "shape", "RuntimeError: boom"),
     (ReturnsNan, "finite", "NaN (first at token 0, layer 2)"),
