@@ -40,6 +40,7 @@ from leaderboard.describe import describe_measure, describe_profile
 from leaderboard.inputs import LeaderboardError, RunInputs, read_run
 from leaderboard.plot import PALETTE_SIZE, colour_class, format_rate, panel_figure
 from suite import __version__
+from suite.atomic import temp_dir_beside
 from suite.fronts import (
     BASELINE_MEASURE,
     Panel,
@@ -47,6 +48,7 @@ from suite.fronts import (
     build_panels,
     consistency_notes,
 )
+from suite.keys import file_stem
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 TEMPLATES_DIR = PACKAGE_DIR / "templates"
@@ -132,14 +134,15 @@ def make_environment() -> jinja2.Environment:
 
 
 # -- names to files and anchors ------------------------------------------------------------
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
+RESERVED_SLUGS = frozenset({"index", "static", "data"})
+"""Names of the site's own pages and folders, which no measure or profile page may take."""
 
 
 def _slug(name: str) -> str:
-    if SAFE_NAME.match(name) and name.lower() not in ("index", "static", "data"):
-        return name
-    ascii_part = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "x"
-    return f"{ascii_part}-{hashlib.sha256(name.encode('utf-8')).hexdigest()[:8]}"
+    stem = file_stem(name)  # the suite's one safe-name function
+    if stem.lower() in RESERVED_SLUGS:
+        return f"{stem}-{hashlib.sha256(name.encode('utf-8')).hexdigest()[:8]}"
+    return stem
 
 
 def unique_slugs(names: list[str]) -> dict[str, str]:
@@ -466,8 +469,7 @@ def build_site_report(results_dir: str | Path, out_dir: str | Path) -> Site:
         measure_slugs=measure_slugs, profile_slugs=profile_slugs, colour_index=colour_index,
         colour_class=colour_class, baseline_measure=BASELINE_MEASURE)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temp_dir_beside(out_dir)
     try:
         writer = _Writer(tmp, make_environment(), common)
         shutil.copytree(STATIC_DIR, tmp / "static")

@@ -62,6 +62,7 @@ import numpy as np
 
 from suite.atomic import atomic_write, atomic_write_bytes, atomic_write_json
 from suite.errors import ExitbenchError
+from suite.keys import file_stem
 from suite.traces import TraceArrays
 
 REFERENCE_LAYERS = 24
@@ -842,7 +843,7 @@ def analyse_config(config, *, models: Sequence[Any] | None = None,
                                    "generation": manifest.generation})
         header = (f"Task {task.name}, split {task.split}; trace kinds: {', '.join(kinds)}; "
                   f"{len(models)} backbone(s), each labelled with what it is.")
-        folder = run.output_dir / task.name
+        folder = run.output_dir / file_stem(task.name)
         run.summaries[task.name] = write_analysis(
             analyses, folder, header=header,
             provenance={"suite_version": __version__, "git_commit": git_commit(),

@@ -169,13 +169,15 @@ def online_thresholds(config: SuiteConfig, measure_config: MeasureConfig, measur
 
 # -- the stored parts -------------------------------------------------------------------------
 def online_part_path(output_dir: str | Path, task: str, model: str, measure: str) -> Path:
-    return Path(output_dir) / "online" / task / model / f"{file_stem(measure)}.json"
+    return (Path(output_dir) / "online" / file_stem(task) / file_stem(model)
+            / f"{file_stem(measure)}.json")
 
 
 def online_traces_path(output_dir: str | Path, task: str, model: str, measure: str,
                        threshold: float, batch_size: int) -> Path:
     """Where the traces of one online point (emitted tokens, ``exit_layer``) are written."""
-    return (Path(output_dir) / "online" / task / model / "traces" / file_stem(measure)
+    return (Path(output_dir) / "online" / file_stem(task) / file_stem(model) / "traces"
+            / file_stem(measure)
             / f"threshold-{threshold:.6g}-batch-{batch_size}.arrow")
 
 

@@ -296,8 +296,11 @@ def record_task(task_config: TaskConfig, model: ModelConfig, kind: str, trace_di
 
 
 def trace_dir_for(output_dir: str | Path, task: str, model: str, kind: str) -> Path:
-    """Where ``exitbench record`` writes: ``<output_dir>/traces/<task>/<model>/<kind>/``."""
-    return Path(output_dir) / "traces" / task / model / kind
+    """Where ``exitbench record`` writes: ``<output_dir>/traces/<task>/<model>/<kind>/``
+    (the evaluated split's traces; :func:`suite.runner.trace_dir`)."""
+    from suite.runner import trace_dir
+
+    return trace_dir(output_dir, task, model, kind=kind)
 
 
 # -- hidden states on demand --------------------------------------------------------------------

@@ -134,7 +134,7 @@ def trace_dir(output_dir: str | Path, task: str, model: str, role: str = "eval",
               kind: str = "generated") -> Path:
     """``<out>/traces/<task>/<model>/<kind>`` for the evaluated split; learned measures'
     fit split lives in ``<out>/traces/<task>/<model>/fit/<kind>``."""
-    base = Path(output_dir) / "traces" / task / model
+    base = Path(output_dir) / "traces" / file_stem(task) / file_stem(model)
     return base / kind if role == "eval" else base / "fit" / kind
 
 
@@ -286,7 +286,8 @@ def part_key(config: SuiteConfig, task: TaskConfig, model: ModelConfig,
 
 
 def _part_path(output_dir: str | Path, task: str, model: str, measure: str) -> Path:
-    return Path(output_dir) / "results" / "parts" / task / model / f"{file_stem(measure)}.json"
+    return (Path(output_dir) / "results" / "parts" / file_stem(task) / file_stem(model)
+            / f"{file_stem(measure)}.json")
 
 
 def replay_group(config: SuiteConfig, task: TaskConfig, model: ModelConfig,
@@ -509,7 +510,7 @@ def run_validate_stage(config: SuiteConfig) -> tuple[StageReport, SuiteConfig]:
     kept = []
     for measure in config.measures:
         cls = MEASURES.get(measure.name)
-        path = Path(config.output_dir) / "validation" / f"{measure.display_name}.json"
+        path = Path(config.output_dir) / "validation" / f"{file_stem(measure.display_name)}.json"
         key = content_key([code_hash(cls), measure.options])
         if path.is_file():
             old = json.loads(path.read_text("utf-8"))

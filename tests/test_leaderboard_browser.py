@@ -239,7 +239,7 @@ def test_leaderboard_in_headless_chromium(served, browser, tmp_path):
             if address.endswith(".html"):
                 to_visit.append(address)
     assert len(visited) >= 10  # index, 2 lists, 3 measures, 2 profiles, provenance, analyses
-    assert any("/measures/script-alert-1-script-" in page for page in visited)
+    assert any("/measures/script_alert_1___script-" in page for page in visited)
     assert len(status) > len(visited)  # stylesheets, scripts, data and figures too
     elapsed = time.monotonic() - started
     print(f"browser checks: {len(visited)} pages, {len(status)} local URLs, "
