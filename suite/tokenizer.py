@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -39,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from suite.atomic import atomic_write_json
+from suite.atomic import atomic_write_json, temp_dir_beside
 from suite.errors import ExitbenchError
 from suite.traces import sha256_file
 
@@ -311,8 +310,7 @@ def train_tokenizer(texts: Sequence[str], heldout: Sequence[str], out: str | Pat
         raise AssertionError(f"{stats.num_skipped_lines} corpus lines over the byte limit")
     model_bytes = _train_sentencepiece(lines, settings)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         (tmp / SPIECE_FILE).write_bytes(model_bytes)
         import transformers

@@ -45,7 +45,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from suite.atomic import atomic_write_json
+from suite.atomic import atomic_write_json, temp_dir_beside
 from suite.errors import ExitbenchError
 
 if TYPE_CHECKING:
@@ -495,8 +494,7 @@ def _latest_checkpoint(folder: Path) -> Path | None:
 
 def _write_folder(target: Path, fill: Callable[[Path], None]) -> None:
     """Build a folder beside ``target`` and rename it into place (replacing an old one)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = temp_dir_beside(target)
     try:
         fill(tmp)
         if target.exists():
