@@ -1,18 +1,22 @@
 """The suite config: one YAML file that says what to run and where to write it.
 
 Validated on load; every error names the file, the key and what is wrong.
-Relative paths are taken from the current working directory (the repository
-root in the README's commands), not from the config file's folder.
+Relative paths in a config file are taken from the folder that holds the file (not from the
+current directory), so a config means the same wherever it is run from: ``output_dir``,
+``data_dir``, ``tokenizer.path``, and ``models[].path`` when it names a local folder (see
+:func:`is_local_model_path`; a hub id such as ``google-t5/t5-small`` is left as it is).
+:func:`load_config` resolves them; :func:`parse_config` on a mapping resolves nothing unless
+given ``base_dir``.
 
-Example::
+Example (``configs/example.yaml``; its paths are relative to ``configs/``)::
 
     name: quickstart
-    output_dir: runs/quickstart
-    data_dir: ../shared/data          # omit to load from the Hugging Face hub
+    output_dir: ../runs/quickstart
+    data_dir: ../data/samples         # omit to load from the Hugging Face hub
     tasks:
       - {name: squad, split: "validation[:100]", limit: 100}
     models:
-      - {name: tiny-calm, path: runs/quickstart/models/tiny-calm}
+      - {name: tiny-calm, path: ../runs/quickstart/models/tiny-calm}
     measures: [softmax_margin]
     profiles: [generic_cpu]
     batch_sizes: [1, 8, 32]
@@ -232,8 +236,39 @@ def _format_location(loc: tuple[Any, ...], data: Any) -> str:
     return "".join(parts) or "(top level)"
 
 
-def parse_config(data: Any, path: str = "<config>") -> SuiteConfig:
-    """Validate a config mapping; raise :class:`ConfigError` naming file, key and problem."""
+def is_local_model_path(path: str, base_dir: Path, trained_here: bool = False) -> bool:
+    """Whether a model entry's ``path`` names a local folder (else it is a hub id): an
+    absolute path, one starting with ``.`` or ``~``, the folder of a backbone the suite trains
+    (``train:``), or a path that exists relative to ``base_dir``."""
+    return (path.startswith((".", "~", "/")) or trained_here
+            or (base_dir / path).expanduser().exists())
+
+
+def _resolve(path: str, base_dir: Path) -> str:
+    resolved = Path(path).expanduser()
+    return str(resolved if resolved.is_absolute() else (base_dir / resolved).resolve())
+
+
+def resolve_paths(config: SuiteConfig, base_dir: str | Path) -> SuiteConfig:
+    """``config`` with its relative paths taken from ``base_dir`` (the config file's folder)."""
+    base = Path(base_dir).resolve()
+    update: dict[str, Any] = {"output_dir": _resolve(config.output_dir, base)}
+    if config.data_dir is not None:
+        update["data_dir"] = _resolve(config.data_dir, base)
+    if config.tokenizer is not None:
+        update["tokenizer"] = config.tokenizer.model_copy(
+            update={"path": _resolve(config.tokenizer.path, base)})
+    update["models"] = [
+        model.model_copy(update={"path": _resolve(model.path, base)})
+        if is_local_model_path(model.path, base, model.train is not None) else model
+        for model in config.models]
+    return config.model_copy(update=update)
+
+
+def parse_config(data: Any, path: str = "<config>",
+                 base_dir: str | Path | None = None) -> SuiteConfig:
+    """Validate a config mapping; raise :class:`ConfigError` naming file, key and problem.
+    With ``base_dir``, relative paths are resolved against it (:func:`resolve_paths`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a YAML mapping of keys to values, "
                           f"got {type(data).__name__}")
@@ -253,7 +288,7 @@ def parse_config(data: Any, path: str = "<config>") -> SuiteConfig:
             lines.append(f"{path}: {key}: {message}")
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
     _check_names(config, path)
-    return config
+    return config if base_dir is None else resolve_paths(config, base_dir)
 
 
 def _model_for(loc: tuple[Any, ...]) -> type[BaseModel]:
@@ -304,7 +339,7 @@ def _check_names(config: SuiteConfig, path: str) -> None:
 
 
 def load_config(path: str | Path) -> SuiteConfig:
-    """Read and validate a suite config file."""
+    """Read and validate a suite config file; its relative paths are taken from its folder."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -312,7 +347,7 @@ def load_config(path: str | Path) -> SuiteConfig:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_config(data, str(path))
+    return parse_config(data, str(path), base_dir=path.parent)
 
 
 __all__ = ["SuiteConfig", "AnalysisConfig", "OnlineConfig", "TaskConfig", "ModelConfig", "MeasureConfig", "RayConfig", "load_config",
