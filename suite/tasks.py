@@ -193,76 +193,203 @@ def local_file(task: TaskSpec, data_dir: Path, split: str) -> Path:
                     f"in the hub's column layout, or drop --data-dir to load from the hub.")
 
 
+@dataclass(frozen=True)
+class RecordSource:
+    """Where a split's records come from, for error messages that point at the record."""
+
+    where: str
+    """The file path, or the hub dataset, config and split."""
+    path: Path | None = None
+    """The local JSON Lines file (``None`` for the hub)."""
+    indices: tuple[int, ...] | None = None
+    """Record ``i`` of the (sliced) split is record ``indices[i]`` of the file."""
+
+    def locate(self, index: int) -> str:
+        """``FILE line N`` (1-based, blank lines counted) or ``hub ... record N``."""
+        absolute = self.indices[index] if self.indices is not None else index
+        if self.path is None:
+            return f"{self.where}, record {absolute + 1}"
+        line = _line_of_record(self.path, absolute)
+        return f"{self.path} line {line}" if line else f"{self.path}, record {absolute + 1}"
+
+
+def _line_of_record(path: Path, record: int) -> int | None:
+    """1-based line of the ``record``-th (0-based) non-blank line of a JSON Lines file."""
+    seen = -1
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, start=1):
+            if line.strip():
+                seen += 1
+                if seen == record:
+                    return number
+    return None
+
+
+def _first_invalid_line(path: Path) -> str | None:
+    """``line N: reason`` of the first line of ``path`` that is not a JSON object."""
+    import json
+
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except (UnicodeDecodeError, ValueError) as exc:
+                return f"line {number} is not valid JSON ({exc})"
+            if not isinstance(value, dict):
+                return f"line {number} is a JSON {type(value).__name__}, not an object"
+    return None
+
+
+def _read_local(task: TaskSpec, path: Path, split: str):
+    """The whole file as a ``datasets.Dataset``, sliced as ``split`` says; a file that is
+    empty or not JSON Lines gets an error naming the file and the first bad line."""
+    import datasets
+
+    base = split_base(split)
+    if path.stat().st_size == 0 or not path.read_bytes().strip():
+        raise DataError(f"task {task.name!r}: {path} is empty; put the split's records there, "
+                        f"one JSON object per line in the hub's column layout")
+    try:
+        whole = datasets.load_dataset("json", data_files={base: str(path)}, split=base)
+    except Exception as exc:  # noqa: BLE001 - re-raised naming the file and the line
+        reason = _first_invalid_line(path)
+        if reason is None:
+            text = str(exc).strip().splitlines()
+            reason = text[-1] if text else type(exc).__name__
+        raise DataError(f"task {task.name!r}: {path} is not JSON Lines: {reason}; each line "
+                        f"must be one JSON object") from None
+    try:
+        instructions = datasets.ReadInstruction.from_spec(split).to_absolute({base: len(whole)})
+    except (ValueError, AssertionError) as exc:
+        raise DataError(f"task {task.name!r}: split {split!r} is not a valid slice of {path} "
+                        f"({len(whole)} records): {exc}") from None
+    indices = tuple(i for ins in instructions for i in range(ins.from_, ins.to))
+    return whole.select(indices), RecordSource(where=str(path), path=path, indices=indices)
+
+
 def load_records(task: TaskSpec, split: str, data_dir: str | os.PathLike | None = None):
-    """The raw ``datasets.Dataset`` for a split, from the local folder or the hub."""
+    """The raw ``datasets.Dataset`` for a split, from the local folder or the hub, and the
+    :class:`RecordSource` that locates its records for error messages."""
     import datasets
 
     datasets.disable_progress_bars()
     folder = resolve_data_dir(data_dir)
-    base = split_base(split)
     if folder is not None:
         if not folder.is_dir():
             raise DataError(f"task {task.name!r}: data folder {folder} does not exist "
                             f"(from --data-dir or {DATA_DIR_ENV})")
-        path = local_file(task, folder, split)
-        where = str(path)
-        try:
-            ds = datasets.load_dataset("json", data_files={base: str(path)}, split=split)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the path and task named
-            raise DataError(f"task {task.name!r}: could not read {path} as JSON Lines "
-                            f"for split {split!r}: {exc}") from exc
+        ds, source = _read_local(task, local_file(task, folder, split), split)
     else:
-        where = f"hub dataset {task.hub_path!r} (config {task.hub_config!r})"
+        where = f"hub dataset {task.hub_path!r} (config {task.hub_config!r}, split {split!r})"
         try:
             ds = datasets.load_dataset(task.hub_path, task.hub_config, split=split)
         except Exception as exc:  # noqa: BLE001
             raise DataError(f"task {task.name!r}: could not load split {split!r} from {where}: "
                             f"{exc}. Offline, pass --data-dir (or set {DATA_DIR_ENV}) to a "
                             f"folder of JSON Lines.") from exc
+        source = RecordSource(where=where)
     if len(ds) == 0:
-        raise DataError(f"task {task.name!r}: split {split!r} from {where} is empty")
+        raise DataError(f"task {task.name!r}: split {split!r} of {source.where} holds no records")
     needed = set(task.input_fields) | set(template_fields(task.target_template))
     needed.add(task.references_field.split(".")[0])
     if task.id_field:
         needed.add(task.id_field.split(".")[0])
     missing = sorted(needed - set(ds.column_names))
     if missing:
-        raise DataError(f"task {task.name!r}: {where} has no field(s) {', '.join(missing)} "
-                        f"(it has {', '.join(ds.column_names)}); the task reads "
-                        f"{', '.join(sorted(needed))}")
-    return ds, where
+        raise DataError(f"task {task.name!r}: {source.where} has no field(s) {', '.join(missing)} "
+                        f"in any record (it has {', '.join(ds.column_names)}); the task's "
+                        f"templates read {', '.join(sorted(needed))}")
+    return ds, source
 
 
-def format_example(task: TaskSpec, record: dict[str, Any], index: int, where: str = "") -> Example:
-    """Apply the task's templates to one raw record."""
+class _MissingField(Exception):
+    def __init__(self, field_name: str, problem: str):
+        super().__init__(field_name)
+        self.field_name = field_name
+        self.problem = problem
+
+
+class _RecordFormatter(string.Formatter):
+    """``str.format`` over a record, where a field that is absent or null is an error (never
+    the text ``None``)."""
+
+    def get_field(self, field_name, args, kwargs):
+        try:
+            value, first = super().get_field(field_name, args, kwargs)
+        except KeyError as exc:
+            raise _MissingField(field_name, f"is missing (no key {exc})") from None
+        except IndexError:
+            raise _MissingField(field_name, "is missing (the list is shorter)") from None
+        except TypeError:  # a subscript of a null or of a scalar
+            raise _MissingField(field_name, "is missing (a field above it is null or not a "
+                                            "mapping/list)") from None
+        if value is None:
+            raise _MissingField(field_name, "is missing or null")
+        return value, first
+
+
+_FORMATTER = _RecordFormatter()
+
+
+def format_example(task: TaskSpec, record: dict[str, Any], index: int,
+                   source: RecordSource | str = "") -> Example:
+    """Apply the task's templates to one raw record (``index`` within the split)."""
+    if isinstance(source, str):
+        source = RecordSource(where=source or "the data")
+
+    def fail(what: str, template_name: str, template: str) -> DataError:
+        return DataError(f"task {task.name!r}: {source.locate(index)}: {what}; the "
+                         f"{template_name} {template!r} needs it. Fix or remove that record")
+
+    formatted = {}
+    for name, template in (("input template", task.input_template),
+                           ("target template", task.target_template)):
+        try:
+            formatted[name] = _FORMATTER.format(template, **record)
+        except _MissingField as exc:
+            top = re.split(r"[.\[]", exc.field_name, maxsplit=1)[0]
+            what = (f"field {top!r} is missing or null" if record.get(top) is None
+                    else f"field {exc.field_name!r} {exc.problem}")
+            raise fail(what, name, template) from None
     try:
-        source = task.input_template.format(**record)
-        target = task.target_template.format(**record)
         refs = get_path(record, task.references_field)
-        example_id = str(get_path(record, task.id_field)) if task.id_field else str(index)
-    except (KeyError, IndexError, TypeError) as exc:
-        raise DataError(f"task {task.name!r}: record {index} of {where or 'the data'} lacks a "
-                        f"field the task needs ({exc}); templates: input "
-                        f"{task.input_template!r}, target {task.target_template!r}, references "
-                        f"{task.references_field!r}") from exc
+    except KeyError:
+        refs = None
+    if refs is None:
+        raise fail(f"field {task.references_field!r} is missing or null", "references field",
+                   task.references_field)
     references = (refs,) if isinstance(refs, str) else tuple(str(r) for r in refs)
     if not references:
-        raise DataError(f"task {task.name!r}: record {index} ({example_id}) of {where} has no "
-                        f"references in {task.references_field!r}")
-    return Example(id=example_id, source=source, target=target, references=references)
+        raise fail(f"field {task.references_field!r} holds no references", "references field",
+                   task.references_field)
+    if task.id_field:
+        try:
+            raw_id = get_path(record, task.id_field)
+        except KeyError:
+            raw_id = None
+        if raw_id is None:
+            raise fail(f"field {task.id_field!r} is missing or null", "id field", task.id_field)
+        example_id = str(raw_id)
+    else:
+        example_id = str(source.indices[index] if source.indices is not None else index)
+    return Example(id=example_id, source=formatted["input template"],
+                   target=formatted["target template"], references=references)
 
 
 def load_examples(task: TaskSpec, split: str, data_dir: str | os.PathLike | None = None,
                   limit: int | None = None) -> list[Example]:
     """Formatted examples of a task split, at most ``limit`` of them, in file order."""
-    ds, where = load_records(task, split, data_dir)
+    ds, source = load_records(task, split, data_dir)
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
-    examples = [format_example(task, rec, i, where) for i, rec in enumerate(ds)]
-    seen: set[str] = set()
-    for ex in examples:
+    examples = [format_example(task, rec, i, source) for i, rec in enumerate(ds)]
+    seen: dict[str, int] = {}
+    for i, ex in enumerate(examples):
         if ex.id in seen:
-            raise DataError(f"task {task.name!r}: example id {ex.id!r} occurs twice in {where}; "
-                            f"ids must be unique")
-        seen.add(ex.id)
+            raise DataError(f"task {task.name!r}: {source.locate(i)}: example id {ex.id!r} "
+                            f"was used before, at {source.locate(seen[ex.id])}; ids must be "
+                            f"unique")
+        seen[ex.id] = i
     return examples

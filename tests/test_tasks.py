@@ -85,7 +85,7 @@ def test_record_without_gold_answer_is_named(tmp_path):
     (tmp_path / "squad").mkdir()
     row = {"id": "q9", "question": "Q", "context": "C", "answers": {"text": []}}
     (tmp_path / "squad" / "validation.jsonl").write_text(json.dumps(row) + "\n")
-    with pytest.raises(DataError, match="record 0"):
+    with pytest.raises(DataError, match=r"validation.jsonl line 1: field .answers\[text\]\[0\]. is missing"):
         load_examples(get_task("squad"), "validation", tmp_path)
 
 
