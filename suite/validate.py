@@ -16,6 +16,7 @@ through :meth:`ValidationReport.to_dict`); ``load_measure("path/to/file.py" | "n
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -26,13 +27,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from suite.errors import ExitbenchError
+
+if TYPE_CHECKING:
+    from suite.sandbox import SandboxSettings
 from suite.measures import MEASURES, TRACE_FIELDS, CheckCost, Measure, ModelDims
-from suite.registry import closest_names, import_object
+from suite.registry import closest_names
 from suite.traces import (
     LAYER_FIELDS,
     LOOK_AHEAD_LAYER_FIELDS,
@@ -40,6 +44,7 @@ from suite.traces import (
     TraceArrays,
 )
 
+logger = logging.getLogger(__name__)
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 VALIDATION_EPOCHS = 2
 """Epochs for fitting learned measures on the synthetic traces: enough to exercise fit()."""
@@ -327,6 +332,9 @@ class ApiCheck(Check):
 
     def run(self, ctx: ValidationContext) -> tuple[str, str]:
         cls = ctx.measure_cls
+        isolated_problem = getattr(cls, "isolation_api_error", None)
+        if isolated_problem:  # what the sandbox found wrong with the submitted class
+            return FAIL, str(isolated_problem)
         if not (isinstance(cls, type) and issubclass(cls, Measure)):
             return FAIL, (f"{cls!r} is not a subclass of suite.measures.Measure; derive the "
                           f"measure class from it")
@@ -355,7 +363,8 @@ class ApiCheck(Check):
         for attribute in ("needs_fit", "deployable"):
             if not isinstance(getattr(cls, attribute, None), bool):
                 problems.append(f"{attribute} must be True or False")
-        if getattr(cls, "needs_fit", False) is True and cls.fit is Measure.fit:
+        defines_fit = getattr(cls, "defines_fit", cls.fit is not Measure.fit)
+        if getattr(cls, "needs_fit", False) is True and not defines_fit:
             problems.append("needs_fit is True but the class does not define fit()")
         if problems:
             return FAIL, "; ".join(problems)
@@ -553,7 +562,10 @@ class LayerCausalityCheck(Check):
 
 
 class TokenCausalityCheck(Check):
-    """A token's scores are unchanged when later tokens of its sequence change."""
+    """A token's scores depend on earlier tokens of its sequence only: at every position ``c``
+    the scores of the tokens at positions ``<= c`` are unchanged (1) when every sequence is cut
+    after ``c`` (so nothing can read later tokens or where its sequence ends) and (2) when the
+    tokens after ``c`` are replaced by other ones."""
 
     name = "causality-tokens"
 
@@ -563,19 +575,29 @@ class TokenCausalityCheck(Check):
             return SKIP, "not deployable: looks ahead by design (reported as an upper bound)"
         base = ctx.base_scores()
         positions = ctx.traces.position
-        for cut in sorted({0, int(positions.max()) // 2}):
-            later = positions > cut
-            from_other = np.broadcast_to(later[:, None], base.shape)
-            perturbed = mix_traces(ctx.traces, ctx.other, from_other, token_rows=later,
-                                   token_fields=LOOK_AHEAD_TOKEN_FIELDS)
-            scores = ctx.scores(perturbed, measure)
-            earlier = ~later
-            changed = first_difference(base[earlier], scores[earlier])
-            if changed is not None:
-                return FAIL, (f"peeks at later tokens: changing the tokens after position "
-                              f"{cut} changed {changed[0]} score(s) of tokens at positions "
-                              f"<= {cut}; a token's score may use earlier tokens only")
-        return PASS, "no token's score depends on later tokens"
+        last = int(positions.max())
+        for cut in range(last + 1):
+            kept = positions <= cut
+            if cut < last:  # cutting after the last position changes nothing
+                scores = ctx.scores(ctx.traces.take(kept), measure)
+                changed = first_difference(base[kept], scores)
+                if changed is not None:
+                    return FAIL, (f"peeks at later tokens: cutting every sequence after "
+                                  f"position {cut} changed {changed[0]} score(s) of the tokens "
+                                  f"kept (positions <= {cut}); a token's score may use earlier "
+                                  f"tokens only, not later ones nor where its sequence ends")
+                later = ~kept
+                from_other = np.broadcast_to(later[:, None], base.shape)
+                perturbed = mix_traces(ctx.traces, ctx.other, from_other, token_rows=later,
+                                       token_fields=LOOK_AHEAD_TOKEN_FIELDS)
+                scores = ctx.scores(perturbed, measure)
+                changed = first_difference(base[kept], scores[kept])
+                if changed is not None:
+                    return FAIL, (f"peeks at later tokens: changing the tokens after position "
+                                  f"{cut} changed {changed[0]} score(s) of tokens at positions "
+                                  f"<= {cut}; a token's score may use earlier tokens only")
+        return PASS, (f"no token's score depends on later tokens or on its sequence's length "
+                      f"(every prefix, positions 0..{last})")
 
 
 class ThresholdsCheck(Check):
@@ -675,7 +697,16 @@ def validate_measure(measure_cls: Any, options: dict[str, Any] | None = None, *,
     started = time.perf_counter()
     ctx = ValidationContext(measure_cls, options or {}, seed=seed, num_layers=num_layers,
                             expected_name=expected_name)
-    results = [run_check(check, ctx) for check in checks]
+    session = getattr(measure_cls, "session", None)  # a sandboxed measure's worker
+    limits = session.validation_limits() if hasattr(session, "validation_limits") \
+        else contextlib.nullcontext()
+    with limits:
+        results = []
+        for check in checks:
+            check_started = time.perf_counter()
+            results.append(run_check(check, ctx))
+            logger.debug("validation of %s: %s took %.1f s", measure_label(measure_cls),
+                         check.name, time.perf_counter() - check_started)
     deployable = getattr(measure_cls, "deployable", None)
     return ValidationReport(measure=measure_label(measure_cls), source=source,
                             options=dict(options or {}),
@@ -695,7 +726,9 @@ class LoadedMeasure:
 
 
 def load_measure_file(path: str | Path) -> LoadedMeasure:
-    """Import a Python file and return its ``MEASURE``, else its one Measure subclass."""
+    """Import a Python file and return its ``MEASURE``, else its one Measure subclass. Only the
+    sandbox worker calls this on submitted code (:mod:`suite.sandbox.worker`); the engine
+    loads files through :func:`load_measure`."""
     path = Path(path)
     if not path.is_file():
         raise ExitbenchError(f"measure file {path} does not exist; give the path of a .py file "
@@ -728,16 +761,25 @@ def load_measure_file(path: str | Path) -> LoadedMeasure:
     return LoadedMeasure(found[0], str(path))
 
 
-def load_measure(spec: str) -> LoadedMeasure:
-    """``spec`` is a path to a ``.py`` file, ``package.module:Class``, or a registered name."""
+def load_measure(spec: str, sandbox: SandboxSettings | None = None) -> LoadedMeasure:
+    """``spec`` is a path to a ``.py`` file, ``package.module:Class``, or a registered name.
+
+    A file or an importable class is submitted code: it is loaded in a sandbox
+    (:func:`suite.sandbox.isolated_measure_class`), never imported here. A registered name
+    gives the built-in class, or the sandboxed class of a plugin."""
+    from suite.sandbox import MeasureCode, isolated_measure_class
+
     if spec.endswith(".py") or "/" in spec or Path(spec).is_file():
-        return load_measure_file(spec)
+        code = MeasureCode.from_file(spec)
+        measure_cls = isolated_measure_class(code, sandbox, label=Path(spec).stem)
+        return LoadedMeasure(measure_cls, f"{spec}, sandboxed ({measure_cls.session.mode})")
     if ":" in spec:
-        try:
-            return LoadedMeasure(import_object(spec), spec)
-        except (ImportError, AttributeError) as exc:
-            raise ExitbenchError(f"{spec!r} cannot be imported ({describe_exception(exc)}); "
-                                 f"give package.module:Class on the Python path") from exc
+        module, _, attr = spec.partition(":")
+        if not module or not attr:
+            raise ExitbenchError(f"{spec!r} is not package.module:Class")
+        code = MeasureCode(kind="import", origin=spec, import_spec=spec)
+        measure_cls = isolated_measure_class(code, sandbox, label=attr)
+        return LoadedMeasure(measure_cls, f"{spec}, sandboxed ({measure_cls.session.mode})")
     if spec not in MEASURES:
         raise MEASURES.unknown(spec)
     try:
@@ -748,9 +790,10 @@ def load_measure(spec: str) -> LoadedMeasure:
 
 
 def validate_spec(spec: str, options: dict[str, Any] | None = None, *, seed: int = 0,
-                  num_layers: int = 6) -> ValidationReport:
+                  num_layers: int = 6, sandbox: SandboxSettings | None = None
+                  ) -> ValidationReport:
     """:func:`load_measure` then :func:`validate_measure`."""
-    loaded = load_measure(spec)
+    loaded = load_measure(spec, sandbox)
     return validate_measure(loaded.measure_cls, options, source=loaded.source,
                             expected_name=loaded.expected_name, seed=seed, num_layers=num_layers)
 
