@@ -15,7 +15,7 @@ $(PY): pyproject.toml scripts/setup.sh
 	@touch $(PY)
 
 setup: $(PY)
-	./scripts/setup.sh --browser-only
+	./scripts/setup.sh --system-only
 
 quickstart: $(PY)
 	$(VENV)/bin/exitbench run --config configs/quickstart.yaml

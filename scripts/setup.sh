@@ -5,26 +5,30 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian's chromium + chromium-driver for the leaderboard's browser test
-# (tests/test_leaderboard_browser.py): installed when missing and running as root (CI is).
-install_browser() {
-    if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
-        return 0
+# Debian packages the suite uses outside Python, installed when missing and running as root
+# (CI is): bubblewrap (bwrap), the sandbox submitted measures run in (suite/sandbox), and
+# chromium + chromium-driver for the leaderboard's browser test.
+install_debian_packages() {
+    local missing=()
+    command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
+    if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+        missing+=(chromium chromium-driver)
     fi
+    [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "installing chromium and chromium-driver (Debian packages) for the browser test"
+        echo "installing Debian packages: ${missing[*]}"
         apt-get update -q >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
     else
-        echo "warning: chromium/chromedriver not found; the leaderboard browser test will fail" \
-             "until they are installed: sudo apt-get install chromium chromium-driver" >&2
+        echo "warning: missing ${missing[*]}: submitted measures need bubblewrap (bwrap) and" \
+             "the browser test needs chromium; install them: sudo apt-get install ${missing[*]}" >&2
     fi
 }
-if [ "${1:-}" = "--browser-only" ]; then
-    install_browser
+if [ "${1:-}" = "--browser-only" ] || [ "${1:-}" = "--system-only" ]; then
+    install_debian_packages
     exit 0
 fi
-install_browser
+install_debian_packages
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 TORCH_SPEC="${EXITBENCH_TORCH:-torch==2.13.0}"
