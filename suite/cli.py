@@ -49,12 +49,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ExitbenchError as exc:
+        summary = getattr(exc, "summary", None)
+        if summary is not None:
+            print(summary.format())
         print(f"exitbench {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"exitbench {args.command}: interrupted; finished work is kept and a rerun "
               f"resumes from it", file=sys.stderr)
         return 130
+    except OSError as exc:  # a write outside the atomic helpers (a library's own file)
+        from suite.atomic import storage_error
+
+        print(f"exitbench {args.command}: error: {storage_error(exc, exc.filename or '?')}",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

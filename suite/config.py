@@ -166,6 +166,27 @@ class OnlineConfig(_Strict):
     ones; ``None``: the first of ``profiles``."""
 
 
+class SandboxConfig(_Strict):
+    """How measures that are not built in (submissions, plugins) are isolated
+    (:mod:`suite.sandbox`; ``docs/measures.md`` says what each mode guarantees)."""
+
+    mode: Literal["bwrap", "process"] = "bwrap"
+    """``bwrap``: bubblewrap namespaces + seccomp + limits; ``process``: limits and seccomp
+    only, no file-system isolation (for code you trust, on machines without bubblewrap)."""
+    memory_bytes: int = Field(default=8 << 30, ge=1 << 28)
+    cpu_seconds: int = Field(default=3600, ge=1)
+    call_seconds: float = Field(default=600.0, gt=0)
+    """Wall-clock limit of one request (scoring a split's traces, a fit)."""
+    validation_call_seconds: float = Field(default=120.0, gt=0)
+    file_bytes: int = Field(default=2 << 30, ge=1 << 20)
+    threads: int = Field(default=1, ge=1)
+
+    def settings(self):
+        from suite.sandbox import SandboxSettings
+
+        return SandboxSettings(**self.model_dump())
+
+
 class SuiteConfig(_Strict):
     """A whole suite run."""
 
@@ -193,6 +214,7 @@ class SuiteConfig(_Strict):
     """Build the static site into ``<output_dir>/site`` at the end of ``exitbench run``."""
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     online: OnlineConfig = Field(default_factory=OnlineConfig)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
     extra: dict[str, Any] = Field(default_factory=dict)
     """Free-form settings for later stages (training, replay); kept in the manifest."""
 
@@ -299,7 +321,7 @@ def _model_for(loc: tuple[Any, ...]) -> type[BaseModel]:
         annotation = {"tasks": TaskConfig, "models": ModelConfig, "ray": RayConfig,
                       "measures": MeasureConfig, "tokenizer": TokenizerConfig,
                       "train": TrainConfig, "analysis": AnalysisConfig,
-                      "online": OnlineConfig}.get(str(item))
+                      "online": OnlineConfig, "sandbox": SandboxConfig}.get(str(item))
         if annotation is None:
             break
         model = annotation

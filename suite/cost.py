@@ -340,6 +340,8 @@ class MeasuredCosts:
         self.name = profile.name
         self._where = where
         self.tables = profile.tables
+        self.estimated_checks: set[str] = set()
+        """Measures whose checks were priced by :meth:`estimated_check` (no timings)."""
 
     def decoder_layer(self, batch_size, context_len, source_len, query_len=1) -> np.ndarray:
         table = self.tables.decoder_layer_seconds
@@ -358,14 +360,42 @@ class MeasuredCosts:
 
     def measure_check(self, check_cost: CheckCost, batch_size,
                       measure_name: str | None = None) -> np.ndarray:
-        known = sorted(self.tables.measure_check_seconds)
-        if measure_name is None or measure_name not in self.tables.measure_check_seconds:
-            raise ProfileError(
-                f"{self._where} has no check timings for measure {measure_name!r} "
-                f"(tables.measure_check_seconds has: {', '.join(known) or 'none'}); run "
-                f"`exitbench profile` with this measure, or price it on a simulated profile.")
-        table = self.tables.measure_check_seconds[measure_name]
+        """The measure's own timed check; a measure the profile has no timings for (a new
+        submission) is priced by :meth:`estimated_check` and remembered in
+        :attr:`estimated_checks`, so its rows say that their cost is an estimate."""
+        table = self.tables.measure_check_seconds.get(measure_name or "")
+        if table is None:
+            self.estimated_checks.add(measure_name or "")
+            return self.estimated_check(check_cost, batch_size)
         return interpolate_1d(batch_size, table.batch_sizes, table.seconds)
+
+    def measured_rates(self) -> dict[str, float]:
+        """Rates derived from this profile's own measured operations, for checks it has no
+        timings for: FLOP/s from the LM-head table at its largest batch (``2 B V d`` FLOPs in
+        the measured time), bytes/s from the LM head at its smallest batch (its ``V d``
+        weights, at the profile's dtype, read in the measured time), and the fixed cost of one check from the
+        cheapest measured check (else the LM head's time per kernel times a check's
+        kernels). Each is a conservative rate: the measured times include fixed costs."""
+        dims = self.profile.model
+        head = self.tables.lm_head_seconds
+        batches = np.asarray(head.batch_sizes, np.float64)
+        seconds = np.asarray(head.seconds, np.float64)
+        flop_rate = float(2 * batches[-1] * dims.vocab_size * dims.d_model / seconds[-1])
+        width = BYTES_PER_PARAM.get(self.profile.environment.dtype, 4)
+        byte_rate = float(dims.vocab_size * dims.d_model * width / seconds[0])
+        checks = [t.seconds[0] for t in self.tables.measure_check_seconds.values()]
+        overhead = float(min(checks)) if checks else \
+            float(seconds[0]) * CHECK_KERNELS / LM_HEAD_KERNELS
+        return {"flops_per_s": flop_rate, "bytes_per_s": byte_rate, "check_seconds": overhead}
+
+    def estimated_check(self, check_cost: CheckCost, batch_size) -> np.ndarray:
+        """A check priced from its declared cost at :meth:`measured_rates`: the fixed cost of
+        a check plus the larger of its FLOPs and its bytes at those rates, per row."""
+        rates = self.measured_rates()
+        batch = np.asarray(batch_size, np.float64)
+        work = np.maximum(batch * float(check_cost.flops) / rates["flops_per_s"],
+                          batch * float(check_cost.bytes) / rates["bytes_per_s"])
+        return rates["check_seconds"] + work
 
     def encoder_prefill(self, batch_size, source_len) -> np.ndarray:
         table = self.tables.encoder_prefill_seconds

@@ -18,3 +18,14 @@ class ConfigError(ExitbenchError):
 
 class DataError(ExitbenchError):
     """A data source that is missing, empty or lacks a field."""
+
+
+class MeasureFailedError(ExitbenchError):
+    """A measure that raised, returned the wrong shape, NaN or +inf on real traces, or broke
+    a sandbox limit. The failure is the measure's alone: the other measures of its group
+    finish, and the failure is stored with the key its rows would have (``deterministic``),
+    so a rerun does not retry it until its inputs change."""
+
+    def __init__(self, message: str, *, deterministic: bool = True):
+        super().__init__(message)
+        self.deterministic = deterministic

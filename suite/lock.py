@@ -172,3 +172,25 @@ def _acquire(fd: int, path: Path, wait: bool, say: Callable[[str], None]) -> Non
                 f"{waited}. Ctrl-C stops waiting; nothing is lost")
             last_notice = now
         time.sleep(POLL_SECONDS)
+
+
+def add_wait_argument(parser) -> None:
+    """``--no-wait`` on a command that writes a run directory."""
+    parser.add_argument("--no-wait", action="store_true",
+                        help="stop at once (exit 2, naming the holder) when another command "
+                             "holds the run directory's lock, instead of waiting for it")
+
+
+def holding_run_lock(command: Callable) -> Callable:
+    """Decorate a subcommand's ``run(args)`` so it holds the lock of ``args.config``'s
+    ``output_dir`` (honouring ``--no-wait``) while it runs."""
+    import functools
+
+    @functools.wraps(command)
+    def locked(args) -> int:
+        from suite.config import load_config
+
+        config = load_config(args.config)
+        with run_lock(config.output_dir, wait=not getattr(args, "no_wait", False)):
+            return command(args)
+    return locked

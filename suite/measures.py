@@ -137,7 +137,11 @@ class Measure(abc.ABC):
 
 def code_hash(measure_cls: type) -> str:
     """SHA-256 of the source file that defines ``measure_cls`` (its whole module, so helper
-    functions beside the class count too)."""
+    functions beside the class count too); for a sandboxed measure, the hash of its submitted
+    code (:attr:`suite.sandbox.MeasureCode.sha256`)."""
+    sandboxed = getattr(measure_cls, "code_sha256", None)
+    if isinstance(sandboxed, str):
+        return sandboxed
     digest = hashlib.sha256()
     try:
         digest.update(Path(inspect.getfile(measure_cls)).read_bytes())
@@ -160,8 +164,19 @@ def _check_measure(name: str, value: Any) -> type[Measure]:
     return value
 
 
+def _sandboxed_plugin(entry_point: Any, dist: str):
+    """Plugins are submitted code too: their class is imported inside the sandbox only."""
+    def load() -> type[Measure]:
+        from suite.sandbox import MeasureCode, default_settings, isolated_measure_class
+
+        code = MeasureCode(kind="import", origin=f"plugin:{dist}", import_spec=entry_point.value)
+        return isolated_measure_class(code, default_settings(), label=entry_point.name)
+    return load
+
+
 MEASURES: Registry[type[Measure]] = Registry("measure", "exitbench.measures",
-                                             _discover_builtin_measures, _check_measure)
+                                             _discover_builtin_measures, _check_measure,
+                                             plugin_loader=_sandboxed_plugin)
 
 
 def get_measure(name: str) -> type[Measure]:

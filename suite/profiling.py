@@ -59,6 +59,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -513,28 +514,32 @@ def check_entry(name: str, measure: Measure, bench: DecoderBench, context: int,
 def _measures_to_time(names: Sequence[str] | None, num_layers: int
                       ) -> tuple[dict[str, Measure], list[str]]:
     """``({name: measure}, skipped)``: the measures that check somewhere (by default every
-    registered one); measures that never check need no table and are listed as skipped."""
+    registered one); measures that never check need no table and are listed as skipped. A
+    name may also be a measure file (``my_measure.py``) or ``package.module:Class``: it is
+    loaded in the sandbox (:func:`suite.validate.load_measure`) and timed by a stand-in of
+    its declared kind of check, under the measure's own ``name``."""
     from suite.measures import MEASURES
+    from suite.validate import load_measure
 
     names = list(MEASURES.names()) if names is None else list(names)
     chosen: dict[str, Measure] = {}
     skipped: list[str] = []
     for name in names:
-        measure_cls = MEASURES.get(name)  # an unknown name lists the closest ones
+        measure_cls = load_measure(name).measure_cls  # an unknown name lists the closest ones
+        label = str(getattr(measure_cls, "name", name))
         try:
             measure = measure_cls()
         except Exception as exc:  # noqa: BLE001 - re-raised naming the measure and the fix
             raise ProfilingError(f"measure {name!r} cannot be built with its default options "
                                  f"({type(exc).__name__}: {exc}); leave it out of --measures"
                                  ) from exc
-        if not measure.checked_layers(num_layers).any():
-            skipped.append(name)  # static_layer, oracle: no check is ever made or priced
+        if not np.asarray(measure.checked_layers(num_layers)).any():
+            skipped.append(label)  # static_layer, oracle: no check is ever made or priced
             continue
-        chosen[name] = measure
+        chosen[label] = measure
     return chosen, skipped
 
 
-# -- environment -------------------------------------------------------------------------------
 def cpu_model_name() -> str:
     """The CPU model from ``/proc/cpuinfo`` (Linux), else ``platform.processor()``."""
     try:
@@ -754,11 +759,11 @@ def profile_model(model: str, out: str | Path, settings: ProfileSettings,
                   log: Log | None = None) -> tuple[MeasuredProfile, ProfileRun]:
     """Measure ``model`` (a local folder or a hub id) on ``settings.device`` and write the
     profile to ``out``; returns the loaded profile and the run."""
-    from suite.measures import MEASURES
+    from suite.validate import load_measure
 
     name = profile_name(out)  # fail before loading the model and timing
     for measure_name in settings.measures or ():
-        MEASURES.get(measure_name)  # an unknown name lists the closest ones
+        load_measure(measure_name)  # an unknown name lists the closest ones; a file loads
     device = parse_device(settings.device)
     adapter = load_profiling_adapter(model, device, settings.dtype)
     run = measure_profile(adapter, settings, model_id=model, name=name, log=log)

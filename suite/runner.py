@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from suite import __version__
 from suite.atomic import atomic_write_json
 from suite.config import MeasureConfig, ModelConfig, SuiteConfig, TaskConfig
@@ -50,13 +52,43 @@ class ShardFailedError(ExitbenchError):
 
 
 # -- Ray ------------------------------------------------------------------------------------------
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+RAY_LOG = "ray.log"
+"""Ray's own notices (token authentication, start-up) go to ``<output_dir>/logs/ray.log``
+instead of the terminal; ``exitbench -v`` shows them too."""
+
+
+def quiet_ray_logging(log_dir: str | Path | None) -> None:
+    """Send the ``ray`` loggers' records to ``log_dir/ray.log`` (and not to the terminal,
+    unless the root logger is at DEBUG, i.e. ``exitbench -v``)."""
+    import ray  # noqa: F401 - ray installs its own terminal handler on import
+
+    ray_logger = logging.getLogger("ray")
+    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+        return
+    ray_logger.propagate = False
+    for handler in list(ray_logger.handlers):  # ray's own handler writes to the terminal
+        if not isinstance(handler, logging.FileHandler):
+            ray_logger.removeHandler(handler)
+    if log_dir is None or any(isinstance(h, logging.FileHandler) for h in ray_logger.handlers):
+        return
+    try:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(Path(log_dir) / RAY_LOG, encoding="utf-8")
+    except OSError:
+        return  # no log then; never fail a run for it
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ray_logger.addHandler(handler)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None,
+             log_dir: str | Path | None = None) -> bool:
     """Start Ray in-process bound to 127.0.0.1 (``address=None``) or join a cluster.
     Returns True when this call started or joined Ray (and should shut it down)."""
     import ray
 
     if ray.is_initialized():
         return False
+    quiet_ray_logging(log_dir)
     # keep every node on loopback: otherwise Ray picks the machine's interface address
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if address is None:
@@ -103,9 +135,10 @@ class StageReport:
     notes: list[str] = field(default_factory=list)
 
     def line(self) -> str:
+        """One line of counts, then one indented line per note."""
         return (f"{self.name:<12} done {self.done:>4}  skipped {self.skipped:>4}  failed "
                 f"{self.failed:>3}  retried {self.retried:>3}  {self.seconds:8.1f} s"
-                + (f"  ({'; '.join(self.notes)})" if self.notes else ""))
+                + "".join(f"\n      - {note}" for note in self.notes))
 
 
 @dataclass
@@ -125,9 +158,7 @@ class RunSummary:
 
 # -- the record plan -------------------------------------------------------------------------------
 def uses_fitting(config: SuiteConfig) -> bool:
-    from suite.measures import get_measure
-
-    return any(get_measure(m.name).needs_fit for m in config.measures)
+    return any(measure_facts(m.name)[1] for m in config.measures)
 
 
 def trace_dir(output_dir: str | Path, task: str, model: str, role: str = "eval",
@@ -178,6 +209,9 @@ def run_record_stage(config: SuiteConfig, *, progress: bool = True,
                            seed=config.seed, batch_size=config.record_batch_size,
                            shard_size=config.shard_size)
         report.skipped += plan.skipped
+        for file in plan.repaired:
+            report.notes.append(f"repaired {plan.store.root / file} (its checksum did not match "
+                                f"the manifest; recorded again)")
         for request, key in plan.pending:
             work.append((plan, request, key, 0))
     if not work:
@@ -243,15 +277,22 @@ def run_record_stage(config: SuiteConfig, *, progress: bool = True,
                 idle.append(worker)
     finally:
         bar.close()
-        for ref in in_flight:
-            ray.cancel(ref, force=True)
-        for worker in workers + list(idle):
-            try:
-                ray.kill(worker, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+        # Actor tasks cannot be force-cancelled: killing the actors stops their work. Each
+        # step is guarded so that the clean-up never hides why the stage stopped.
+        for worker in {id(w): w for w in workers + list(idle)
+                       + [w for w, _ in in_flight.values()]}.values():
+            _kill_quietly(worker)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _kill_quietly(actor) -> None:
+    import ray
+
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone, or Ray is shutting down
+        pass
 
 
 # -- the replay stage -------------------------------------------------------------------------------
@@ -261,23 +302,36 @@ def _file_sha256(path: Path) -> str:
     return sha256_file(path) if path.is_file() else ""
 
 
+def measure_facts(name: str) -> tuple[str, bool]:
+    """``(code hash, needs_fit)`` of a registered measure; a stored submission's come from its
+    record, so that keys are computed without starting its sandbox."""
+    from suite.measures import code_hash, get_measure
+    from suite.submissions import registered_submission
+
+    submission = registered_submission(name)
+    if submission is not None:
+        return submission.sha256, bool(submission.declared.get("needs_fit", True))
+    measure_cls = get_measure(name)
+    return code_hash(measure_cls), bool(measure_cls.needs_fit)
+
+
 def part_key(config: SuiteConfig, task: TaskConfig, model: ModelConfig,
              measure: MeasureConfig) -> str:
-    """Hash of everything a measure's rows on one (task, model) depend on."""
-    from suite.measures import code_hash, get_measure
+    """Hash of everything a measure's rows on one (task, model) depend on. A measure's
+    stored failure carries the same key, so it is not retried until one of these changes."""
     from suite.profiles import PROFILES
 
     eval_dir = trace_dir(config.output_dir, task.name, model.name)
     fit_dir = trace_dir(config.output_dir, task.name, model.name, "fit")
+    code, needs_fit = measure_facts(measure.name)
     # the profiles' figures price the rows; where their files lie does not
     profiles = {name: PROFILES.get(name).model_dump(mode="json", exclude={"path"})
                 for name in config.profiles}
     payload = {
         "traces": _file_sha256(eval_dir / "manifest.json"),
-        "fit": _file_sha256(fit_dir / "manifest.json") if get_measure(measure.name).needs_fit
-        else "",
+        "fit": _file_sha256(fit_dir / "manifest.json") if needs_fit else "",
         "measure": measure.model_dump(mode="json"),
-        "code": code_hash(get_measure(measure.name)),
+        "code": code,
         "profiles": profiles,
         "batch_sizes": config.batch_sizes, "dtype": config.dtype, "seed": config.seed,
         "task": task.model_dump(mode="json"), "suite": __version__,
@@ -290,122 +344,234 @@ def _part_path(output_dir: str | Path, task: str, model: str, measure: str) -> P
             / f"{file_stem(measure)}.json")
 
 
-def replay_group(config: SuiteConfig, task: TaskConfig, model: ModelConfig,
-                 measures: list[MeasureConfig], cache_entries: dict[str, dict]) -> dict:
-    """Fit, replay, score and price ``measures`` on one (task, model); plain data out."""
-    from suite.replay import ScoreCache
-    from suite.sweep import SweepInputs, sweep
-    from suite.tasks import task_spec
+def read_part(path: Path) -> dict | None:
+    """A stored part (rows, or a stored failure), or ``None`` when absent or unreadable (an
+    unreadable part is simply redone)."""
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
-    spec = task_spec(task)
-    fit_dir = trace_dir(config.output_dir, task.name, model.name, "fit")
-    inputs = SweepInputs(task=spec, split=task.split, model=model, limit=task.limit,
-                         trace_dir=trace_dir(config.output_dir, task.name, model.name),
-                         data_dir=config.data_dir, dtype=config.dtype,
-                         fit_trace_dir=fit_dir if (fit_dir / "manifest.json").is_file() else None)
-    cache = ScoreCache()
-    cache.entries.update(cache_entries)
-    per_measure = {}
-    reports = {}
-    errors = {}
-    for measure in measures:
+
+class GroupReplayer:
+    """Replays the measures of one (task, model), one call per measure, over one
+    :class:`suite.sweep.Sweep` (traces, references and hidden states loaded once). Runs in a
+    Ray actor (one per group) or in-process. A measure's failure comes back as data; a
+    failure of the group itself (traces that cannot be read, a model that does not load)
+    is raised, and raised again for every later measure without redoing the work."""
+
+    def __init__(self, config: SuiteConfig, task: TaskConfig, model: ModelConfig,
+                 cache_entries: dict[str, dict], submissions: list | None = None):
+        from suite.replay import ScoreCache
+        from suite.sandbox import configure
+        from suite.submissions import register_submissions
+
+        sandbox = config.sandbox.settings()
+        configure(sandbox)
+        register_submissions(submissions or [], sandbox)
+        self.config, self.task, self.model = config, task, model
+        self.cache = ScoreCache()
+        self.cache.entries.update(cache_entries)
+        self._sent = set(cache_entries)
+        self._sweep = None
+        self._error: BaseException | None = None
+
+    def _context(self):
+        from suite.sweep import Sweep, SweepInputs
+        from suite.tasks import task_spec
+
+        if self._error is not None:
+            raise self._error
+        if self._sweep is None:
+            config, task, model = self.config, self.task, self.model
+            fit_dir = trace_dir(config.output_dir, task.name, model.name, "fit")
+            inputs = SweepInputs(task=task_spec(task), split=task.split, model=model,
+                                 limit=task.limit,
+                                 trace_dir=trace_dir(config.output_dir, task.name, model.name),
+                                 data_dir=config.data_dir, dtype=config.dtype,
+                                 fit_trace_dir=fit_dir if (fit_dir / "manifest.json").is_file()
+                                 else None)
+            try:
+                self._sweep = Sweep(inputs, config.profiles, config.batch_sizes,
+                                    score_cache=self.cache,
+                                    fit_cache_dir=Path(config.output_dir) / "measures",
+                                    seed=config.seed)
+            except BaseException as exc:
+                self._error = exc
+                raise
+        return self._sweep
+
+    def measure(self, measure: MeasureConfig) -> dict:
+        """``{"rows", "report", "cache"}``, or ``{"failed", "deterministic", "cache"}``."""
+        from suite.errors import MeasureFailedError
+
+        context = self._context()
+        started = time.perf_counter()
+        scored, cached = context.outputs_scored, context.outputs_from_cache
         try:
-            result = sweep(inputs, [measure], config.profiles, config.batch_sizes,
-                           score_cache=cache, fit_cache_dir=Path(config.output_dir) / "measures",
-                           seed=config.seed)
-        except ExitbenchError as exc:  # one measure's failure must not lose the others
-            errors[measure.display_name] = str(exc)
-            continue
-        per_measure[measure.display_name] = [row.to_dict() for row in result.rows]
-        reports[measure.display_name] = {"seconds": result.seconds,
-                                         "outputs_scored": result.outputs_scored,
-                                         "outputs_from_cache": result.outputs_from_cache}
-    return {"rows": per_measure, "reports": reports, "cache": cache.entries, "errors": errors}
+            rows = [row.to_dict() for row in context.measure_rows(measure)]
+            out: dict[str, Any] = {"rows": rows, "report": {
+                "seconds": time.perf_counter() - started,
+                "outputs_scored": context.outputs_scored - scored,
+                "outputs_from_cache": context.outputs_from_cache - cached}}
+        except MeasureFailedError as exc:
+            out = {"failed": str(exc), "deterministic": exc.deterministic}
+        fresh = {k: v for k, v in self.cache.entries.items() if k not in self._sent}
+        self._sent.update(fresh)
+        out["cache"] = fresh
+        return out
+
+
+@dataclass
+class _Pending:
+    task: TaskConfig
+    model: ModelConfig
+    measure: MeasureConfig
+    key: str
+    path: Path
 
 
 def run_replay_stage(config: SuiteConfig, *, progress: bool = True,
                      use_ray: bool = True) -> StageReport:
-    """Replay every measure not done yet; each (task, model) is one Ray task."""
+    """Replay every measure not done yet. One worker per (task, model) replays its measures
+    one by one; each measure's rows -- or its failure -- are stored as soon as it finishes,
+    so a killed replay resumes with the measures it had not finished. A group whose traces
+    cannot be read stops that group only; the stage then raises (after storing everything
+    that finished), so the results are not republished from a partial replay."""
     from tqdm.auto import tqdm
 
     from suite.replay import ScoreCache
+    from suite.submissions import stored_for_registry
 
     report = StageReport("replay")
     started = time.perf_counter()
-    groups = []
+    groups: dict[tuple[str, str], list[_Pending]] = {}
     for task in config.tasks:
         for model in config.models:
-            todo = []
             for measure in config.measures:
                 path = _part_path(config.output_dir, task.name, model.name, measure.display_name)
                 key = part_key(config, task, model, measure)
-                if path.is_file() and json.loads(path.read_text("utf-8")).get("key") == key:
+                old = read_part(path)
+                if old is not None and old.get("key") == key:
                     report.skipped += 1
-                else:
-                    todo.append((measure, key, path))
-            if todo:
-                groups.append((task, model, todo))
+                    if "failed" in old:
+                        report.failed += 1
+                        report.notes.append(f"{measure.display_name} on {task.name}/{model.name} "
+                                            f"failed before (not retried until its inputs "
+                                            f"change): {old['failed']}")
+                    continue
+                groups.setdefault((task.name, model.name), []).append(
+                    _Pending(task, model, measure, key, path))
     if not groups:
         report.seconds = time.perf_counter() - started
         return report
-    cache_path = Path(config.output_dir) / "results" / "score_cache.json"
-    cache = ScoreCache(cache_path)
-    scored = from_cache = 0
-    bar = tqdm(total=sum(len(g[2]) for g in groups), unit="measure", desc="replay",
+    cache = ScoreCache(Path(config.output_dir) / "results" / "score_cache.json")
+    submissions = stored_for_registry()
+    totals = {"outputs_scored": 0, "outputs_from_cache": 0}
+    group_errors: list[str] = []
+    trace_problems: list[str] = []
+    bar = tqdm(total=sum(len(g) for g in groups.values()), unit="measure", desc="replay",
                disable=not progress)
+
+    def store(item: _Pending, out: dict) -> None:
+        cache.entries.update(out.get("cache") or {})
+        name = item.measure.display_name
+        if "failed" in out:
+            report.failed += 1
+            report.notes.append(f"{name} on {item.task.name}/{item.model.name} failed: "
+                                f"{out['failed']}")
+            if out.get("deterministic", True):
+                atomic_write_json(item.path, {"key": item.key, "failed": out["failed"],
+                                              "measure": name})
+        else:
+            atomic_write_json(item.path, {"key": item.key, "rows": out["rows"],
+                                          "report": out["report"]})
+            for total in totals:
+                totals[total] += out["report"][total]
+            report.done += 1
+        bar.update(1)
+
+    def group_failed(items: list[_Pending], exc: BaseException) -> None:
+        from suite.traces import TraceIntegrityError
+
+        cause = getattr(exc, "cause", None) or exc
+        text = str(cause).strip().splitlines()
+        reason = text[0] if text else type(cause).__name__
+        group_errors.append(f"{items[0].task.name}/{items[0].model.name}: {reason}")
+        if isinstance(cause, TraceIntegrityError):
+            trace_problems.append(reason)
+        report.failed += len(items)
+        bar.update(len(items))
+
+    actors = []
     try:
         if use_ray:
             import ray
 
-            remote = ray.remote(num_cpus=1, max_retries=config.ray.max_retries)(replay_group)
-            refs = {remote.remote(config, task, model, [m for m, _, _ in todo], cache.entries):
-                    (task, model, todo) for task, model, todo in groups}
+            worker_class = ray.remote(num_cpus=1, max_restarts=0)(GroupReplayer)
+            refs: dict[Any, tuple[_Pending, Any]] = {}
+            for items in groups.values():
+                actor = worker_class.remote(config, items[0].task, items[0].model,
+                                            cache.entries, submissions)
+                actors.append(actor)
+                for item in items:
+                    refs[actor.measure.remote(item.measure)] = (item, actor)
+            failed_actors: set[int] = set()
             pending = list(refs)
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
                 for ref in ready:
-                    task, model, todo = refs[ref]
+                    item, actor = refs[ref]
                     try:
                         out = ray.get(ref)
-                    except ray.exceptions.RayTaskError as exc:
-                        report.failed += len(todo)
-                        raise ExitbenchError(f"replay of {task.name}/{model.name} failed: "
-                                             f"{exc.cause if exc.cause else exc}") from exc
-                    scored, from_cache = _store_group(out, todo, cache, report, bar, scored,
-                                                      from_cache)
+                    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+                        if id(actor) not in failed_actors:
+                            failed_actors.add(id(actor))
+                            group_failed([i for i, a in refs.values() if a is actor], exc)
+                        continue
+                    store(item, out)
         else:
-            for task, model, todo in groups:
-                out = replay_group(config, task, model, [m for m, _, _ in todo], cache.entries)
-                scored, from_cache = _store_group(out, todo, cache, report, bar, scored,
-                                                  from_cache)
+            for items in groups.values():
+                replayer = GroupReplayer(config, items[0].task, items[0].model, cache.entries,
+                                         submissions)
+                for i, item in enumerate(items):
+                    try:
+                        out = replayer.measure(item.measure)
+                    except ExitbenchError as exc:
+                        group_failed(items[i:], exc)
+                        break
+                    store(item, out)
     finally:
         bar.close()
+        for actor in actors:
+            _kill_quietly(actor)
         cache.save()
-    total = scored + from_cache
+    total = totals["outputs_scored"] + totals["outputs_from_cache"]
     if total:
-        report.notes.append(f"outputs scored {scored}, from cache {from_cache} "
-                            f"({100 * from_cache / total:.0f}%)")
+        report.notes.append(f"outputs scored {totals['outputs_scored']}, from cache "
+                            f"{totals['outputs_from_cache']} "
+                            f"({100 * totals['outputs_from_cache'] / total:.0f}%)")
     report.seconds = time.perf_counter() - started
+    if group_errors:
+        report.notes.extend(f"could not replay {error}" for error in group_errors)
+        raise ReplayGroupError(report, group_errors, traces_damaged=bool(trace_problems))
     return report
 
 
-def _store_group(out: dict, todo, cache, report: StageReport, bar, scored: int,
-                 from_cache: int) -> tuple[int, int]:
-    cache.entries.update(out["cache"])
-    for measure, key, path in todo:
-        name = measure.display_name
-        if name in out["errors"]:
-            report.failed += 1
-            report.notes.append(f"{name} failed: {out['errors'][name]}")
-            bar.update(1)
-            continue
-        atomic_write_json(path, {"key": key, "rows": out["rows"][name],
-                                 "report": out["reports"][name]})
-        scored += out["reports"][name]["outputs_scored"]
-        from_cache += out["reports"][name]["outputs_from_cache"]
-        report.done += 1
-        bar.update(1)
-    return scored, from_cache
+class ReplayGroupError(ExitbenchError):
+    """Some (task, model) groups could not be replayed (their traces cannot be read, ...).
+    Everything that finished is stored; the results files are left as they were."""
+
+    def __init__(self, report: StageReport, errors: list[str], traces_damaged: bool = False):
+        self.report = report
+        self.errors = errors
+        fix = (" Repair the traces with `exitbench run --config CONFIG` (it records corrupt or "
+               "missing shards again, and says which) and rerun." if traces_damaged else
+               " Fix the cause and rerun; finished measures are kept.")
+        super().__init__("replay could not read what it needs for "
+                         + "; ".join(errors) + ". The results files were left unchanged."
+                         + fix)
 
 
 def collect_results(config: SuiteConfig) -> list:
@@ -419,22 +585,111 @@ def collect_results(config: SuiteConfig) -> list:
     for task in config.tasks:
         for model in config.models:
             for measure in config.measures:
-                path = _part_path(config.output_dir, task.name, model.name, measure.display_name)
-                if not path.is_file():  # failed this run; the stage report says why
+                part = read_part(_part_path(config.output_dir, task.name, model.name,
+                                            measure.display_name))
+                # a failure, or rows of other inputs (stale): the stage report says why
+                if part is None or "rows" not in part or \
+                        part.get("key") != part_key(config, task, model, measure):
                     continue
-                for row in json.loads(path.read_text("utf-8"))["rows"]:
+                for row in part["rows"]:
                     rows.append(ResultRow(**{k: v for k, v in row.items() if k in names}))
     return rows + read_online_rows(config)
 
 
+def validation_failure(config: SuiteConfig, measure: MeasureConfig) -> str | None:
+    """Why ``measure`` failed validation, from its stored report (``None`` if it passed or
+    has no report for its current code and options)."""
+    data = read_part(validation_path(config.output_dir, measure))
+    if data is None or data.get("passed") is not False or \
+            data.get("key") != content_key([measure_facts(measure.name)[0], measure.options]):
+        return None
+    failed = [f"{c.get('check')}: {c.get('message')}" for c in data.get("checks", [])
+              if isinstance(c, dict) and c.get("status") == "FAIL"]
+    return "failed validation: " + ("; ".join(failed[:3]) or "see its report")
+
+
+def measure_statuses(config: SuiteConfig) -> dict[str, dict[str, Any]]:
+    """Per measure of the run: where it comes from, what it declares (description, reads,
+    cost at each model's sizes), and whether it produced rows (``ok``), failed (with the
+    reason per task and model) or was left out (failed validation). Written into the
+    results' metadata, so the leaderboard shows failures and submissions without importing
+    any measure's code."""
+    from suite.measures import MEASURES
+    from suite.submissions import registered_submission
+
+    statuses: dict[str, dict[str, Any]] = {}
+    for measure in config.measures:
+        name = measure.display_name
+        submission = registered_submission(measure.name)
+        entry: dict[str, Any] = {"name": measure.name, "options": measure.options,
+                                 "source": MEASURES.source(measure.name), "status": "ok",
+                                 "failures": [], "submission": None}
+        if submission is not None:
+            entry["submission"] = {k: v for k, v in submission.to_dict().items()
+                                   if k != "declared"}
+            entry.update({k: submission.declared.get(k) for k in
+                          ("description", "reads", "needs_fit", "deployable", "costs")})
+        else:
+            cls = MEASURES.get(measure.name)
+            entry.update(describe_builtin(cls, measure, config))
+        reason = validation_failure(config, measure)
+        if reason is not None:
+            entry["status"] = "failed validation"
+            entry["failures"].append({"task": None, "model": None, "reason": reason})
+        for task in config.tasks:
+            for model in config.models:
+                part = read_part(_part_path(config.output_dir, task.name, model.name, name))
+                if part is not None and "failed" in part and \
+                        part.get("key") == part_key(config, task, model, measure):
+                    entry["status"] = "failed"
+                    entry["failures"].append({"task": task.name, "model": model.name,
+                                              "reason": part["failed"]})
+        statuses[name] = entry
+    return statuses
+
+
+def describe_builtin(cls, measure: MeasureConfig, config: SuiteConfig) -> dict[str, Any]:
+    """Description, reads and declared cost of a built-in measure at each model's sizes."""
+    from suite.sweep import model_info
+
+    info: dict[str, Any] = {"description": str(getattr(cls, "description", "")),
+                            "reads": sorted(getattr(cls, "reads", ())),
+                            "needs_fit": bool(cls.needs_fit), "deployable": bool(cls.deployable),
+                            "costs": []}
+    try:
+        instance = cls(**measure.options)
+    except Exception as exc:  # noqa: BLE001 - reported on the site, never fatal
+        info["problem"] = f"cannot be built with its options: {exc}"
+        return info
+    for model in config.models:
+        try:
+            dims = model_info(model.path).dims
+        except Exception:  # noqa: BLE001 - a model that is not there yet
+            continue
+        info["costs"].append(declared_cost(instance, model.name, dims))
+    return info
+
+
+def declared_cost(instance, model: str, dims) -> dict[str, Any]:
+    cost = instance.check_cost(dims)
+    checked = instance.checked_layers(dims.num_layers)
+    return {"model": model, "dims": dataclasses.asdict(dims), "flops": float(cost.flops),
+            "bytes": float(cost.bytes), "needs_lm_head": bool(cost.needs_lm_head),
+            "checked_layers": [int(i) for i in np.flatnonzero(np.asarray(checked))]}
+
+
 def publish_results(config: SuiteConfig) -> int:
-    """Write ``results/`` (Parquet, JSON, fronts) from every stored part; return the rows."""
+    """Write ``results/`` (Parquet, JSON, fronts) from every stored part of the config's
+    measures and the run's stored submissions; return the rows. The measures' statuses
+    (failures included) go into the results' metadata. Call under the run's lock."""
     from suite.fronts import fronts_summary
     from suite.results import write_results
 
+    config = with_submissions(config)
     rows = collect_results(config)
     results_dir = Path(config.output_dir) / "results"
-    write_results(results_dir, rows, {"run": config.name, "versions": versions()})
+    write_results(results_dir, rows, {"run": config.name, "versions": versions(),
+                                      "measures": measure_statuses(config)})
     atomic_write_json(results_dir / "fronts.json", fronts_summary(rows))
     return len(rows)
 
@@ -498,44 +753,74 @@ def ensure_backbones(config: SuiteConfig, *, progress: bool = True) -> StageRepo
 
 
 # -- validation --------------------------------------------------------------------------------------
-def run_validate_stage(config: SuiteConfig) -> tuple[StageReport, SuiteConfig]:
-    """Check every measure (API, finiteness, determinism, causality, cost) before using it.
-    Reports go to ``<out>/validation/<measure>.json``; a measure that fails is left out of
-    this run, with a note, and nothing else is lost."""
+def validation_path(output_dir: str | Path, measure: MeasureConfig) -> Path:
+    return Path(output_dir) / "validation" / f"{file_stem(measure.display_name)}.json"
+
+
+def validate_configured(config: SuiteConfig, measure: MeasureConfig,
+                        measure_cls=None) -> tuple[dict, bool]:
+    """The validation report of ``measure`` (``(report, reused)``): the stored one when its
+    key (code hash and options) matches, else a new one, stored atomically."""
     from suite.measures import MEASURES, code_hash
     from suite.validate import validate_measure
 
+    path = validation_path(config.output_dir, measure)
+    code = measure_facts(measure.name)[0] if measure_cls is None else code_hash(measure_cls)
+    key = content_key([code, measure.options])
+    old = read_part(path)
+    if old is not None and old.get("key") == key and isinstance(old.get("passed"), bool):
+        return old, True
+    cls = measure_cls if measure_cls is not None else MEASURES.get(measure.name)
+    code_origin = getattr(getattr(cls, "code", None), "origin", "submitted code")
+    source = MEASURES.source(measure.name) if measure.name in MEASURES else code_origin
+    if getattr(cls, "session", None) is not None:
+        source += f", sandboxed ({cls.session.mode})"
+    result = validate_measure(cls, measure.options, source=source,
+                              expected_name=measure.name, seed=config.seed)
+    data = result.to_dict()
+    data["key"] = key
+    data["measure"] = measure.display_name
+    atomic_write_json(path, data)
+    return data, False
+
+
+def run_validate_stage(config: SuiteConfig) -> tuple[StageReport, SuiteConfig]:
+    """Check every measure (API, finiteness, determinism, causality, cost) before using it.
+    Reports go to ``<out>/validation/<measure>.json``; a measure that fails is left out of
+    this run, with a note (and in the results' metadata), and nothing else is lost."""
     report = StageReport("validate")
     started = time.perf_counter()
     kept = []
     for measure in config.measures:
-        cls = MEASURES.get(measure.name)
-        path = Path(config.output_dir) / "validation" / f"{file_stem(measure.display_name)}.json"
-        key = content_key([code_hash(cls), measure.options])
-        if path.is_file():
-            old = json.loads(path.read_text("utf-8"))
-            if old.get("key") == key:
-                report.skipped += 1
-                if old.get("passed"):
-                    kept.append(measure)
-                else:
-                    report.failed += 1
-                    report.notes.append(f"{measure.display_name} left out (failed validation)")
-                continue
-        result = validate_measure(cls, measure.options, source=MEASURES.source(measure.name),
-                                  expected_name=measure.name, seed=config.seed)
-        data = result.to_dict()
-        data["key"] = key
-        data["measure"] = measure.display_name
-        atomic_write_json(path, data)
-        report.done += 1
-        if result.passed:
+        data, reused = validate_configured(config, measure)
+        report.skipped += reused
+        report.done += not reused
+        if data.get("passed"):
             kept.append(measure)
-        else:
-            report.failed += 1
-            report.notes.append(f"{measure.display_name} left out (failed validation; see {path})")
+            continue
+        reason = validation_failure(config, measure) or "failed validation"
+        report.failed += 1
+        report.notes.append(f"{measure.display_name} left out ({reason[:200]}; see "
+                            f"{validation_path(config.output_dir, measure)})")
     report.seconds = time.perf_counter() - started
     return report, config.model_copy(update={"measures": kept})
+
+
+def with_submissions(config: SuiteConfig) -> SuiteConfig:
+    """``config`` with every submission stored in its run directory appended to its measures
+    (registered, sandboxed, in this process's measure registry)."""
+    from suite.config import MeasureConfig as _MeasureConfig
+    from suite.sandbox import configure
+    from suite.submissions import SubmissionStore, register_submissions
+
+    sandbox = config.sandbox.settings()
+    configure(sandbox)
+    submissions = SubmissionStore(config.output_dir).list()
+    register_submissions(submissions, sandbox)
+    names = {m.display_name for m in config.measures}
+    extra = [_MeasureConfig(name=s.name, options=s.options) for s in submissions
+             if s.name not in names]
+    return config.model_copy(update={"measures": list(config.measures) + extra})
 
 
 # -- the whole run -----------------------------------------------------------------------------------
@@ -589,36 +874,48 @@ def replay_suite(config: SuiteConfig, config_path: str | None = None, *,
                  build_leaderboard: bool | None = None,
                  summary: RunSummary | None = None) -> RunSummary:
     """Validate, fit, replay and publish over traces already recorded (``exitbench replay``;
-    also the second half of :func:`run_suite`)."""
+    also the second half of :func:`run_suite`). Every submission stored in the run is
+    included. Holds the run directory's lock."""
+    from suite.lock import run_lock
+
     output = Path(config.output_dir)
     summary = summary or RunSummary(output_dir=output, stages=[])
-    all_measures = config
-    if config.measures:
-        validated, config = run_validate_stage(config)
-        summary.stages.append(validated)
-    if config.measures:
-        started_ray = init_ray(config.ray.address, config.ray.num_cpus) if use_ray else False
-        try:
-            summary.stages.append(run_replay_stage(config, progress=progress, use_ray=use_ray))
-        finally:
-            if started_ray:
-                import ray
+    with run_lock(output):
+        all_measures = with_submissions(config)
+        config = all_measures
+        if config.measures:
+            validated, config = run_validate_stage(all_measures)
+            summary.stages.append(validated)
+        if config.measures:
+            started_ray = init_ray(config.ray.address, config.ray.num_cpus,
+                                   output / "logs") if use_ray else False
+            try:
+                summary.stages.append(run_replay_stage(config, progress=progress,
+                                                       use_ray=use_ray))
+            except ReplayGroupError as exc:
+                summary.stages.append(exc.report)
+                write_run_manifest(all_measures, config_path, summary)
+                exc.summary = summary
+                raise
+            finally:
+                if started_ray:
+                    import ray
 
-                ray.shutdown()
-    if all_measures.measures:
-        results_started = time.perf_counter()
-        rows = publish_results(config)
-        summary.stages.append(StageReport("results", done=rows,
-                                          seconds=time.perf_counter() - results_started))
-    write_run_manifest(config, config_path, summary)
-    if rows_exist(output) and (config.leaderboard if build_leaderboard is None
-                               else build_leaderboard):
-        from leaderboard import build_site
+                    ray.shutdown()
+        if all_measures.measures:
+            results_started = time.perf_counter()
+            rows = publish_results(all_measures)
+            summary.stages.append(StageReport("results", done=rows,
+                                              seconds=time.perf_counter() - results_started))
+        write_run_manifest(all_measures, config_path, summary)
+        if rows_exist(output) and (config.leaderboard if build_leaderboard is None
+                                   else build_leaderboard):
+            from leaderboard import build_site
 
-        site_started = time.perf_counter()
-        summary.site_index = build_site(output, output / "site")
-        summary.stages.append(StageReport("leaderboard", done=1,
-                                          seconds=time.perf_counter() - site_started))
+            site_started = time.perf_counter()
+            summary.site_index = build_site(output, output / "site")
+            summary.stages.append(StageReport("leaderboard", done=1,
+                                              seconds=time.perf_counter() - site_started))
     return summary
 
 
@@ -631,15 +928,18 @@ def run_suite(config: SuiteConfig, config_path: str | None = None, *, progress: 
     """Run every stage of ``config`` (resuming what is done) and return the summary."""
     import ray
 
+    from suite.lock import run_lock
+
     output = Path(config.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
     summary = RunSummary(output_dir=output, stages=[])
-    summary.stages.append(ensure_backbones(config, progress=progress))
-    started_ray = init_ray(config.ray.address, config.ray.num_cpus)
-    try:
-        summary.stages.append(run_record_stage(config, progress=progress, summary=summary))
-        return replay_suite(config, config_path, progress=progress,
-                            build_leaderboard=build_leaderboard, summary=summary)
-    finally:
-        if started_ray:
-            ray.shutdown()
+    with run_lock(output):
+        summary.stages.append(ensure_backbones(config, progress=progress))
+        started_ray = init_ray(config.ray.address, config.ray.num_cpus, output / "logs")
+        try:
+            summary.stages.append(run_record_stage(with_submissions(config), progress=progress,
+                                                   summary=summary))
+            return replay_suite(config, config_path, progress=progress,
+                                build_leaderboard=build_leaderboard, summary=summary)
+        finally:
+            if started_ray:
+                ray.shutdown()

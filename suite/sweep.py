@@ -28,7 +28,7 @@ import numpy as np
 
 from suite.config import MeasureConfig, ModelConfig
 from suite.cost import example_index_from_ids, operation_costs, price_replay
-from suite.errors import ExitbenchError
+from suite.errors import ExitbenchError, MeasureFailedError
 from suite.measures import Measure, ModelDims, code_hash, get_measure
 from suite.metrics import get_metric
 from suite.profiles import get_profile
@@ -156,90 +156,179 @@ def fitted_measure(config: MeasureConfig, inputs: SweepInputs, hidden: HiddenSta
     return measure
 
 
-def sweep(inputs: SweepInputs, measures: Sequence[MeasureConfig], profiles: Sequence[str],
-          batch_sizes: Sequence[int], *, score_cache: ScoreCache | None = None,
-          fit_cache_dir: Path | None = None, seed: int = 0) -> SweepReport:
-    """Replay, score and price every measure on one (task, model)'s traces."""
-    from suite.models import load_tokenizer
+ESTIMATED_CHECK_NOTE = ("the measured profile has no timings for this measure's check: it is "
+                        "priced from the measure's declared FLOPs and bytes at rates derived "
+                        "from the profile's own measured operations (docs/cost_model.md)")
+"""``extra['cost_estimated']`` of rows whose check cost is an estimate."""
 
-    started = time.perf_counter()
-    store = TraceStore(inputs.trace_dir)
-    manifest = store.read_manifest()
-    if manifest.kind != "generated":
-        raise ExitbenchError(f"{inputs.trace_dir}: replay needs generated traces, not "
-                             f"{manifest.kind!r} ones")
-    traces = store.load()
-    traces_hash = sha256_file(store.manifest_path)
-    info = model_info(inputs.model.path)
-    if info.dims.num_layers != traces.num_layers:
-        raise ExitbenchError(f"{inputs.trace_dir}: traces have {traces.num_layers} layers, model "
-                             f"{inputs.model.path} has {info.dims.num_layers}")
-    tokenizer = load_tokenizer(inputs.model.path)
-    detokenize = Detokenizer(tokenizer)
-    cache = score_cache or ScoreCache()
-    hits_before, misses_before = cache.hits, cache.misses
 
-    examples = {e.id: e for e in load_examples(inputs.task, inputs.split, inputs.data_dir,
-                                                inputs.limit)}
-    example_ids = traces.example_ids()
-    missing = [i for i in example_ids if i not in examples]
-    if missing:
-        raise ExitbenchError(f"{inputs.trace_dir}: traced example {missing[0]!r} is not in "
-                             f"{inputs.task.name}/{inputs.split}; were the traces recorded "
-                             f"from another split?")
-    references = [examples[i].references for i in example_ids]
-    # the encoder lengths the record stage used (same truncation rule, EOS included)
-    source_len = np.array([len(ids) for ids in encode_texts(
-        tokenizer, [examples[i].source for i in example_ids],
-        inputs.task.limits.max_source_tokens, info.eos_token_id)])
-    metric = get_metric(inputs.task.metric)
-    metric_key = f"{inputs.task.name}|{inputs.task.metric}|{len(example_ids)}"
+def describe_exception(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else '(no message)'}"
 
-    def quality_of(token_rows: np.ndarray) -> dict:
-        texts = detokenize(sequences_by_example(traces, token_rows, info.eos_token_id))
-        key = metric_key + "|" + outputs_hash(texts)
+
+def check_real_scores(scores, traces: TraceArrays, name: str) -> np.ndarray:
+    """``scores`` of a measure on real traces, checked as validation checks synthetic ones: a
+    float ``[tokens, layers]`` numpy array without NaN or ``+inf``. Raises
+    :class:`MeasureFailedError` naming the measure and the first bad value."""
+    expected = (traces.num_tokens, traces.num_layers)
+    if not isinstance(scores, np.ndarray):
+        raise MeasureFailedError(f"measure {name!r}: scores() returned "
+                                 f"{type(scores).__name__} on the real traces, not a numpy "
+                                 f"array of shape [tokens, layers] = {list(expected)}")
+    if scores.shape != expected:
+        raise MeasureFailedError(f"measure {name!r}: scores() returned shape "
+                                 f"{list(scores.shape)} on the real traces; expected [tokens, "
+                                 f"layers] = {list(expected)}")
+    if not np.issubdtype(scores.dtype, np.floating):
+        raise MeasureFailedError(f"measure {name!r}: scores() returned dtype {scores.dtype} on "
+                                 f"the real traces; return floats")
+    bad = np.isnan(scores) | (scores == np.inf)
+    if bad.any():
+        token, layer = (int(v) for v in np.argwhere(bad)[0])
+        raise MeasureFailedError(
+            f"measure {name!r}: {int(bad.sum())} of {scores.size} scores on the real traces are "
+            f"NaN or +inf (first: example {traces.example_id[token]!r}, position "
+            f"{int(traces.position[token])}, layer {layer}); return finite scores, or -inf for "
+            f"'never exit here'")
+    return scores
+
+
+def _measure_call(name: str, what: str, call):
+    """Run a call into a measure's code; anything it raises becomes the measure's failure."""
+    try:
+        return call()
+    except MeasureFailedError:
+        raise
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except ExitbenchError as exc:  # the measure's own clear message (e.g. one class only)
+        text = str(exc)
+        raise MeasureFailedError(text if repr(name) in text else f"measure {name!r}: {what}: "
+                                 f"{text}") from exc
+    except Exception as exc:  # noqa: BLE001 - the measure's failure, named, not the run's
+        raise MeasureFailedError(f"measure {name!r}: {what} raised {describe_exception(exc)}"
+                                 ) from exc
+
+
+class Sweep:
+    """One (task, model) loaded once -- traces, references, full-depth quality, operation
+    costs, hidden states on demand -- and its measures swept one at a time
+    (:meth:`measure_rows`), so a caller can store each measure's rows as soon as they exist.
+    A measure that fails raises :class:`MeasureFailedError`; the context stays usable for the
+    next measure."""
+
+    def __init__(self, inputs: SweepInputs, profiles: Sequence[str], batch_sizes: Sequence[int],
+                 *, score_cache: ScoreCache | None = None, fit_cache_dir: Path | None = None,
+                 seed: int = 0):
+        from suite.models import load_tokenizer
+
+        started = time.perf_counter()
+        self.inputs = inputs
+        self.batch_sizes = list(batch_sizes)
+        self.fit_cache_dir = fit_cache_dir
+        self.seed = seed
+        store = TraceStore(inputs.trace_dir)
+        manifest = store.read_manifest()
+        if manifest.kind != "generated":
+            raise ExitbenchError(f"{inputs.trace_dir}: replay needs generated traces, not "
+                                 f"{manifest.kind!r} ones")
+        self.traces = traces = store.load()
+        self.traces_hash = sha256_file(store.manifest_path)
+        self.info = info = model_info(inputs.model.path)
+        if info.dims.num_layers != traces.num_layers:
+            raise ExitbenchError(f"{inputs.trace_dir}: traces have {traces.num_layers} layers, "
+                                 f"model {inputs.model.path} has {info.dims.num_layers}")
+        tokenizer = load_tokenizer(inputs.model.path)
+        self.detokenize = Detokenizer(tokenizer)
+        self.cache = score_cache or ScoreCache()
+        self._hits, self._misses = self.cache.hits, self.cache.misses
+
+        examples = {e.id: e for e in load_examples(inputs.task, inputs.split, inputs.data_dir,
+                                                    inputs.limit)}
+        self.example_ids = example_ids = traces.example_ids()
+        missing = [i for i in example_ids if i not in examples]
+        if missing:
+            raise ExitbenchError(f"{inputs.trace_dir}: traced example {missing[0]!r} is not in "
+                                 f"{inputs.task.name}/{inputs.split}; were the traces recorded "
+                                 f"from another split?")
+        self.references = [examples[i].references for i in example_ids]
+        # the encoder lengths the record stage used (same truncation rule, EOS included)
+        self.source_len = np.array([len(ids) for ids in encode_texts(
+            tokenizer, [examples[i].source for i in example_ids],
+            inputs.task.limits.max_source_tokens, info.eos_token_id)])
+        self.metric = get_metric(inputs.task.metric)
+        self.metric_key = f"{inputs.task.name}|{inputs.task.metric}|{len(example_ids)}"
+        self.full = self.quality_of(traces.final_id)
+        self.example_index = example_index_from_ids(traces.example_id)
+        self.profiles = [get_profile(name) for name in profiles]
+        self.costs = {p.name: operation_costs(p, info.dims, inputs.dtype, info.gated_ffn,
+                                              info.num_encoder_layers) for p in self.profiles}
+        self.hidden = HiddenStateLoader(inputs.model.path, inputs.data_dir)
+        self.load_seconds = time.perf_counter() - started
+
+    def quality_of(self, token_rows: np.ndarray) -> dict:
+        texts = self.detokenize(sequences_by_example(self.traces, token_rows,
+                                                     self.info.eos_token_id))
+        key = self.metric_key + "|" + outputs_hash(texts)
 
         def compute() -> dict:
-            result = metric(texts, references)
+            result = self.metric(texts, self.references)
             return {"scores": result.scores, "primary": result.primary,
                     "signature": result.signature}
 
-        return cache.get_or_compute(key, compute)
+        return self.cache.get_or_compute(key, compute)
 
-    full = quality_of(traces.final_id)
-    primary = full["primary"]
-    example_index = example_index_from_ids(traces.example_id)
-    loaded_profiles = [get_profile(name) for name in profiles]
-    costs = {p.name: operation_costs(p, info.dims, inputs.dtype, info.gated_ffn,
-                                     info.num_encoder_layers) for p in loaded_profiles}
+    @property
+    def outputs_scored(self) -> int:
+        return self.cache.misses - self._misses
 
-    hidden = HiddenStateLoader(inputs.model.path, inputs.data_dir)
-    rows: list[ResultRow] = []
-    per_measure: dict[str, float] = {}
-    for config in measures:
-        measure_started = time.perf_counter()
-        measure = fitted_measure(config, inputs, hidden, fit_cache_dir=fit_cache_dir, seed=seed)
+    @property
+    def outputs_from_cache(self) -> int:
+        return self.cache.hits - self._hits
+
+    def measure_rows(self, config: MeasureConfig) -> list[ResultRow]:
+        """Fit (when it learns), score, replay every threshold, score the outputs with the
+        task metric and price them on every profile and batch size: the measure's rows."""
+        inputs, traces, info = self.inputs, self.traces, self.info
         name = config.display_name
-        scored = hidden(inputs.trace_dir) if "hidden" in measure.reads else traces
-        scores = measure.scores(scored)
-        thresholds = np.asarray(config.thresholds if config.thresholds is not None
-                                else measure.thresholds_for(traces.num_layers), dtype=np.float64)
+        measure = _measure_call(name, "building it", lambda: instantiate(config))
+        if measure.needs_fit:
+            if inputs.fit_trace_dir is None:
+                raise MeasureFailedError(f"measure {name!r} must be fitted, but task "
+                                         f"{inputs.task.name!r} has no fit_split in the config")
+            fit_traces = self.hidden(inputs.fit_trace_dir)  # the engine's work, not the measure's
+            _measure_call(name, "fit()", lambda: measure.fit(
+                fit_traces, cache_dir=self.fit_cache_dir, seed=self.seed))
+        scored = self.hidden(inputs.trace_dir) if "hidden" in measure.reads else traces
+        scores = check_real_scores(_measure_call(name, "scores()", lambda: measure.scores(scored)),
+                                   traces, name)
+        thresholds = np.asarray(config.thresholds if config.thresholds is not None else
+                                _measure_call(name, "thresholds_for()", lambda: measure
+                                              .thresholds_for(traces.num_layers)),
+                                dtype=np.float64)
+        check_cost = _measure_call(name, "check_cost()", lambda: measure.check_cost(info.dims))
+        checked = np.asarray(_measure_call(name, "checked_layers()", lambda: measure
+                                           .checked_layers(traces.num_layers)), dtype=bool)
         replayed = replay(scores, thresholds, config.min_layer)
         exits = replayed.exits
         tokens = replayed_tokens(traces, exits)
         stats = exit_statistics(traces, replayed)
-        qualities = [quality_of(tokens[k]) for k in range(len(thresholds))]
-        check_cost = measure.check_cost(info.dims)
-        checked = measure.checked_layers(traces.num_layers)
+        qualities = [self.quality_of(tokens[k]) for k in range(len(thresholds))]
         measure_hash = code_hash(type(measure))
         options_json = json.dumps(config.options, sort_keys=True)
-        for profile in loaded_profiles:
-            for batch_size in batch_sizes:
-                priced = price_replay(costs[profile.name], info.dims, exits, example_index,
-                                      traces.position, source_len, batch_size, check_cost,
-                                      checked, config.min_layer, measure.propagation,
-                                      measure_name=config.name)
+        primary = self.full["primary"]
+        rows: list[ResultRow] = []
+        for profile in self.profiles:
+            for batch_size in self.batch_sizes:
+                priced = price_replay(self.costs[profile.name], info.dims, exits,
+                                      self.example_index, traces.position, self.source_len,
+                                      batch_size, check_cost, checked, config.min_layer,
+                                      measure.propagation, measure_name=config.name)
                 full_tokens_per_s = traces.num_tokens / priced.full_depth_seconds
+                estimate = {}
+                if config.name in getattr(self.costs[profile.name], "estimated_checks", ()):
+                    estimate = {"cost_estimated": ESTIMATED_CHECK_NOTE}
                 for k, threshold in enumerate(thresholds):
                     rows.append(ResultRow(
                         task=inputs.task.name, split=inputs.split, model=inputs.model.name,
@@ -249,7 +338,7 @@ def sweep(inputs: SweepInputs, measures: Sequence[MeasureConfig], profiles: Sequ
                         profile=profile.name, profile_kind=profile.kind,
                         batch_size=int(batch_size), mode="replay", metric=primary,
                         quality=float(qualities[k]["scores"][primary]),
-                        quality_full_depth=float(full["scores"][primary]),
+                        quality_full_depth=float(self.full["scores"][primary]),
                         scores={k2: float(v) for k2, v in qualities[k]["scores"].items()},
                         mean_layers_used=float(stats.mean_layers_used[k]),
                         num_layers=traces.num_layers,
@@ -257,14 +346,30 @@ def sweep(inputs: SweepInputs, measures: Sequence[MeasureConfig], profiles: Sequ
                         exit_histogram=[float(x) for x in stats.exit_histogram[k]],
                         tokens_per_s=float(priced.tokens_per_s[k]),
                         full_depth_tokens_per_s=float(full_tokens_per_s),
-                        speedup=float(priced.speedup[k]), num_examples=len(example_ids),
-                        num_tokens=traces.num_tokens, traces_hash=traces_hash,
+                        speedup=float(priced.speedup[k]), num_examples=len(self.example_ids),
+                        num_tokens=traces.num_tokens, traces_hash=self.traces_hash,
                         measure_code_hash=measure_hash,
                         extra={"model_dims": info.dims.__dict__,
-                               "signature": qualities[k].get("signature")}))
-        per_measure[name] = time.perf_counter() - measure_started
-    return SweepReport(rows=rows, seconds=time.perf_counter() - started,
-                       outputs_scored=cache.misses - misses_before,
-                       outputs_from_cache=cache.hits - hits_before,
-                       per_measure_seconds=per_measure)
+                               "signature": qualities[k].get("signature"),
+                               **estimate}))
+        return rows
 
+
+def sweep(inputs: SweepInputs, measures: Sequence[MeasureConfig], profiles: Sequence[str],
+          batch_sizes: Sequence[int], *, score_cache: ScoreCache | None = None,
+          fit_cache_dir: Path | None = None, seed: int = 0) -> SweepReport:
+    """Replay, score and price every measure on one (task, model)'s traces (all or nothing:
+    a failing measure raises; the runner uses :class:`Sweep` to keep the others)."""
+    started = time.perf_counter()
+    context = Sweep(inputs, profiles, batch_sizes, score_cache=score_cache,
+                    fit_cache_dir=fit_cache_dir, seed=seed)
+    rows: list[ResultRow] = []
+    per_measure: dict[str, float] = {}
+    for config in measures:
+        measure_started = time.perf_counter()
+        rows += context.measure_rows(config)
+        per_measure[config.display_name] = time.perf_counter() - measure_started
+    return SweepReport(rows=rows, seconds=time.perf_counter() - started,
+                       outputs_scored=context.outputs_scored,
+                       outputs_from_cache=context.outputs_from_cache,
+                       per_measure_seconds=per_measure)

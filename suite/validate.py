@@ -166,6 +166,18 @@ class ValidationReport:
     def passed(self) -> bool:
         return all(result.status != FAIL for result in self.checks)
 
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> ValidationReport:
+        """A report as :meth:`to_dict` wrote it (extra keys such as ``key`` are ignored)."""
+        checks = [CheckResult(check=str(c.get("check", "")), status=str(c.get("status", "")),
+                              message=str(c.get("message", "")))
+                  for c in data.get("checks", []) if isinstance(c, dict)]
+        return ValidationReport(measure=str(data.get("measure", "")),
+                                source=str(data.get("source", "")),
+                                options=dict(data.get("options") or {}),
+                                deployable=data.get("deployable"), checks=checks,
+                                seconds=float(data.get("seconds", 0.0)))
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["options"] = json.loads(json.dumps(self.options, default=repr))

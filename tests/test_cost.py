@@ -250,8 +250,15 @@ def test_measured_costs_read_the_tables():
     assert costs.measure_check(CHECK, 11, "softmax_margin") == pytest.approx(2e-5)
     assert costs.encoder_prefill(8, 160) == pytest.approx(0.1)
     assert costs.fixed_step() == 5e-5
-    with pytest.raises(ProfileError, match="no check timings for measure 'oracle'.*softmax_margin"):
-        costs.measure_check(CHECK, 1, "oracle")
+    assert costs.estimated_checks == set()
+    # a measure without timings (a new submission) is priced from its declared cost at the
+    # profile's own rates: LM head 2*32*100*64 FLOPs in 9e-4 s, its 100*64 float32 weights
+    # in 1e-4 s, and the cheapest measured check (1e-5 s) as the fixed cost
+    new = CheckCost(flops=1000.0, bytes=4000.0, needs_lm_head=True)
+    flop_rate, byte_rate = 2 * 32 * 100 * 64 / 9e-4, 100 * 64 * 4 / 1e-4
+    expected = 1e-5 + max(8 * 1000 / flop_rate, 8 * 4000 / byte_rate)
+    assert costs.measure_check(new, 8, "my_new_measure") == pytest.approx(expected)
+    assert costs.estimated_checks == {"my_new_measure"}
     with pytest.raises(ProfileError, match="d_model 64 \\(model has 768\\)"):
         MeasuredCosts(profile, T5_BASE)
     with pytest.raises(ProfileError, match="timed in float32, not bfloat16"):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from suite.lock import add_wait_argument, holding_run_lock
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -29,9 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-leaderboard", action="store_true",
                         help="do not rebuild <output_dir>/site even when the run has results")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_wait_argument(parser)
     parser.set_defaults(func=run)
 
 
+@holding_run_lock
 def run(args: argparse.Namespace) -> int:
     from suite.analysis import analyse_config
     from suite.commands.record import select_named

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from suite.lock import holding_run_lock
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -23,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+@holding_run_lock
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from suite.lock import add_wait_argument, holding_run_lock
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -23,8 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="suite config (YAML)")
     parser.add_argument("--no-leaderboard", action="store_true", help="skip building the site")
     parser.add_argument("--no-progress", action="store_true")
+    add_wait_argument(parser)
 
 
+@holding_run_lock
 def run(args: argparse.Namespace) -> int:
     from suite.config import load_config
     from suite.fidelity import run_online

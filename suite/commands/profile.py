@@ -64,8 +64,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"untimed runs per entry first (default {DEFAULT_WARMUP})")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads while timing (default: torch's own choice)")
-    parser.add_argument("--measures", default="all", metavar="all|NAME,NAME",
-                        help="measures whose checks are timed (default all registered)")
+    parser.add_argument("--measures", default="all", metavar="all|NAME,FILE.py,...",
+                        help="measures whose checks are timed: registered names, measure "
+                             "files (loaded in the sandbox; timed by a stand-in of their "
+                             "declared kind of check) or package.module:Class (default all "
+                             "registered)")
     parser.add_argument("--out", required=True, metavar="PATH.yaml",
                         help="profile file to write; its stem is the profile's name "
                              "(hardware_profiles/NAME.yaml makes it a built-in)")

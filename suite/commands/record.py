@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from suite.lock import add_wait_argument, holding_run_lock
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -22,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", action="append", default=None, metavar="NAME",
                         help="only this model of the config (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_wait_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -43,6 +46,7 @@ def select_named(items, names, what: str, config_path: str):
     return [item for item in items if item.name in names]
 
 
+@holding_run_lock
 def run(args: argparse.Namespace) -> int:
     from suite.config import ConfigError, load_config
     from suite.record import record_task, trace_dir_for

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from suite.lock import add_wait_argument, run_lock
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -13,6 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-ray", action="store_true", help="replay in this process")
     parser.add_argument("--no-leaderboard", action="store_true", help="skip building the site")
     parser.add_argument("--no-progress", action="store_true")
+    add_wait_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -21,9 +24,10 @@ def run(args: argparse.Namespace) -> int:
     from suite.runner import replay_suite
 
     config = load_config(args.config)
-    summary = replay_suite(config, args.config, progress=not args.no_progress,
-                           use_ray=not args.no_ray,
-                           build_leaderboard=False if args.no_leaderboard else None)
+    with run_lock(config.output_dir, wait=not args.no_wait):
+        summary = replay_suite(config, args.config, progress=not args.no_progress,
+                               use_ray=not args.no_ray,
+                               build_leaderboard=False if args.no_leaderboard else None)
     print(summary.format())
     print(f"  results: {config.output_dir}/results/results.parquet, results.json, fronts.json")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from suite.lock import add_wait_argument, run_lock
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -18,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="recording workers (overrides ray.record_workers)")
     parser.add_argument("--no-leaderboard", action="store_true", help="skip building the site")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_wait_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -33,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
         ray_changes["record_workers"] = args.workers
     if ray_changes:
         config = config.model_copy(update={"ray": config.ray.model_copy(update=ray_changes)})
-    summary = run_suite(config, args.config, progress=not args.no_progress,
-                        build_leaderboard=False if args.no_leaderboard else None)
+    with run_lock(config.output_dir, wait=not args.no_wait):
+        summary = run_suite(config, args.config, progress=not args.no_progress,
+                            build_leaderboard=False if args.no_leaderboard else None)
     print(summary.format())
     return 0

@@ -1,20 +1,38 @@
-"""``exitbench submit``: validate a researcher's measure, then replay it over the stored
-traces of a run, adding its rows (with its code hash) to the run's results."""
+"""``exitbench submit``: validate a researcher's measure in the sandbox, store it in the run,
+and replay it over the run's stored traces, adding its rows to the run's results and site.
+
+The measure's file is never imported by this process: validation, fitting and scoring run in
+the sandbox (:mod:`suite.sandbox`). A stored submission stays in the run
+(``<output_dir>/submissions/``): later runs, replays and leaderboard builds include it.
+Exits 0 only when the measure passed validation and produced result rows; otherwise 1, with
+the reason (a failed check, a failure on the real traces, no traces recorded yet)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "submit", help="validate a measure file and replay it over a run's stored traces")
+        "submit", help="validate a measure file in the sandbox, store it in the run and "
+                       "replay it over the run's stored traces")
     parser.add_argument("path", help="a .py file defining a Measure, or package.module:Class")
     parser.add_argument("--config", required=True,
-                        help="the suite config whose traces to replay over (already recorded)")
+                        help="the suite config whose traces to replay over (already recorded "
+                             "by `exitbench run`)")
     parser.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a constructor option (value parsed as JSON, else a string)")
+    parser.add_argument("--replace", action="store_true",
+                        help="replace a stored submission of the same name (other code or "
+                             "options)")
+    parser.add_argument("--sandbox", choices=["bwrap", "process"], default=None,
+                        help="isolation of the measure's code (default: the config's "
+                             "sandbox.mode, bwrap); 'process' does not isolate files: only for "
+                             "code you trust")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="stop at once when another command holds the run directory")
     parser.add_argument("--no-leaderboard", action="store_true")
     parser.set_defaults(func=run)
 
@@ -34,33 +52,89 @@ def parse_options(pairs: list[str]) -> dict:
     return options
 
 
+def _step(text: str, started: float) -> None:
+    print(f"[{time.perf_counter() - started:6.1f} s] {text}", flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from suite.config import MeasureConfig, load_config
-    from suite.errors import ExitbenchError
-    from suite.measures import MEASURES
-    from suite.runner import replay_suite
-    from suite.validate import load_measure, validate_measure
+    from suite.lock import run_lock
+    from suite.runner import (
+        _part_path,
+        describe_builtin,
+        read_part,
+        replay_suite,
+        validate_configured,
+        with_submissions,
+    )
+    from suite.sandbox import configure
+    from suite.submissions import SubmissionStore
+    from suite.validate import ValidationReport, load_measure
 
-    loaded = load_measure(args.path)
-    options = parse_options(args.option)
-    report = validate_measure(loaded.measure_cls, options, source=loaded.source,
-                              expected_name=loaded.expected_name)
-    print(report.format())
-    if not report.passed:
-        print("submission rejected: fix the failing checks above; nothing was replayed")
-        return 1
-    name = loaded.measure_cls.name
-    if name not in MEASURES:
-        MEASURES.register(name, loaded.measure_cls, source=f"submission:{loaded.source}")
-    elif MEASURES.get(name) is not loaded.measure_cls:
-        raise ExitbenchError(f"a measure named {name!r} is already registered; give yours "
-                             f"another name")
+    started = time.perf_counter()
     config = load_config(args.config)
-    measures = [m for m in config.measures if m.name != name] + \
-        [MeasureConfig(name=name, options=options)]
-    config = config.model_copy(update={"measures": measures})
-    # in-process: Ray workers would not know a measure loaded from a file
-    summary = replay_suite(config, args.config, use_ray=False,
-                           build_leaderboard=False if args.no_leaderboard else None)
-    print(summary.format())
+    if args.sandbox:
+        config = config.model_copy(update={"sandbox": config.sandbox.model_copy(
+            update={"mode": args.sandbox})})
+    options = parse_options(args.option)
+    sandbox = config.sandbox.settings()
+    configure(sandbox)
+    with run_lock(config.output_dir, wait=not args.no_wait):
+        _step(f"loading {args.path} in the sandbox ({sandbox.mode})", started)
+        loaded = load_measure(args.path, sandbox)
+        measure_cls = loaded.measure_cls
+        name = str(getattr(measure_cls, "name", "") or "")
+        measure = MeasureConfig(name=name or "unnamed", options=options)
+        _step(f"validating {name or args.path}", started)
+        data, _ = validate_configured(config, measure, measure_cls)
+        report = ValidationReport.from_dict(data)
+        print(report.format())
+        if not report.passed:
+            measure_cls.session.close()
+            print("submission rejected: fix the failing checks above; nothing was stored or "
+                  "replayed")
+            return 1
+        declared = describe_builtin(measure_cls, measure, config)
+        measure_cls.session.close()
+        source_text = submitted_source(measure_cls, args.path)
+        store = SubmissionStore(config.output_dir)
+        submission, outcome = store.add(name, source_text, options, str(args.path), declared,
+                                        replace=args.replace)
+        _step(f"submission {name!r} {outcome} in {submission.folder}", started)
+        _step("replaying it over the run's traces (and every measure not replayed yet)",
+              started)
+        summary = replay_suite(config, args.config, use_ray=False,
+                               build_leaderboard=False if args.no_leaderboard else None)
+        print(summary.format())
+        config = with_submissions(config)
+        rows, reasons = 0, []
+        for task in config.tasks:
+            for model in config.models:
+                part = read_part(_part_path(config.output_dir, task.name, model.name, name))
+                if part is None:
+                    reasons.append(f"{task.name}/{model.name}: not replayed (see the summary)")
+                elif "failed" in part:
+                    reasons.append(f"{task.name}/{model.name}: {part['failed']}")
+                else:
+                    rows += len(part.get("rows", []))
+    if rows == 0:
+        print(f"submission {name!r} produced no result rows: " + "; ".join(reasons)
+              + ". It stays stored; fix the measure and submit it again with --replace")
+        return 1
+    where = f"; leaderboard: {summary.site_index}" if summary.site_index else ""
+    failed = f" (failed on {'; '.join(reasons)})" if reasons else ""
+    _step(f"{name!r}: {rows} result rows{failed}{where}", started)
     return 0
+
+
+def submitted_source(measure_cls, path: str) -> str:
+    """The text of the submitted file, as the sandbox loaded it (an importable
+    ``module:Class`` cannot be stored in a run: install it as a plugin instead)."""
+    from suite.errors import ExitbenchError
+
+    code = getattr(measure_cls, "code", None)
+    if code is None or code.kind != "file":
+        raise ExitbenchError(f"{path}: only a .py file can be submitted into a run (it is "
+                             f"stored there); an installed plugin is included through its "
+                             f"entry point instead")
+    return code.source_text

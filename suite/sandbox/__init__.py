@@ -145,6 +145,20 @@ class MeasureCode:
                            file_name=path.name if path.suffix == ".py" else "measure.py")
 
 
+_default_settings = SandboxSettings()
+
+
+def default_settings() -> SandboxSettings:
+    """The settings plugins are sandboxed with in this process (:func:`configure`)."""
+    return _default_settings
+
+
+def configure(settings: SandboxSettings) -> None:
+    """Set :func:`default_settings` (the runner does, from the config's ``sandbox:``)."""
+    global _default_settings
+    _default_settings = settings
+
+
 def _import_spec_hash(spec: str) -> str:
     """SHA-256 of the file that defines ``package.module`` (found without importing it)."""
     import importlib.util
@@ -545,7 +559,7 @@ def isolated_measure_class(code: MeasureCode, settings: SandboxSettings | None =
     """Start a sandbox for ``code`` and return the class that stands for its measure there.
     An import error of the submitted file is an :class:`ExitbenchError` naming it; a class
     that breaks the measure API becomes a class the validator's ``api`` check fails."""
-    settings = settings or SandboxSettings()
+    settings = settings or default_settings()
     label = label or code.origin
     session = SandboxSession(code, settings, label)
     try:
