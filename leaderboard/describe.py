@@ -1,5 +1,7 @@
 """What the site says about measures and hardware profiles beyond the result rows: the
-measure's description, declared cost and code hash (from the measure registry), and a
+measure's description, declared cost, status (failures with their reasons) and submission
+(from the run's own record in the results' metadata; a built-in measure missing from it is
+looked up in the registry -- a measure that is not built in is never imported here), and a
 profile's specs with their sources or its measured tables (from a snapshot in the run
 manifest, else the profile registry). A name that is not installed here is reported, never
 an error: the leaderboard is built from results files alone.
@@ -33,11 +35,18 @@ class DeclaredCost:
 
 
 @dataclass
+class MeasureFailure:
+    task: str | None
+    model: str | None
+    reason: str
+
+
+@dataclass
 class MeasureInfo:
     name: str
     registered: bool
     source: str | None = None
-    """``builtin`` or ``plugin:<dist>`` when installed here."""
+    """``builtin``, ``plugin:<dist>`` or ``submission:<path>``."""
     description: str | None = None
     reads: list[str] = field(default_factory=list)
     needs_fit: bool | None = None
@@ -46,6 +55,46 @@ class MeasureInfo:
     costs: list[DeclaredCost] = field(default_factory=list)
     problem: str | None = None
     """Why the description or cost could not be read."""
+    status: str = "ok"
+    """``ok``, ``failed`` (on some task and model) or ``failed validation``."""
+    failures: list[MeasureFailure] = field(default_factory=list)
+    submission: dict[str, Any] | None = None
+    """Name, options, SHA-256, origin and time of a stored submission."""
+
+
+def _from_record(name: str, record: dict[str, Any]) -> MeasureInfo:
+    """A measure as the run recorded it (``metadata['measures'][name]``)."""
+    info = MeasureInfo(name, True, source=str(record.get("source") or "") or None,
+                       description=str(record.get("description") or "") or None,
+                       reads=[str(r) for r in record.get("reads") or []],
+                       needs_fit=record.get("needs_fit"), deployable=record.get("deployable"),
+                       status=str(record.get("status") or "ok"),
+                       submission=record.get("submission")
+                       if isinstance(record.get("submission"), dict) else None,
+                       problem=str(record["problem"]) if record.get("problem") else None)
+    for cost in record.get("costs") or []:
+        if isinstance(cost, dict) and isinstance(cost.get("dims"), dict):
+            info.costs.append(DeclaredCost(
+                str(cost.get("model", "")), {k: int(v) for k, v in cost["dims"].items()
+                                             if isinstance(v, (int, float))},
+                "the run's record", float(cost.get("flops", math.nan)),
+                float(cost.get("bytes", math.nan)), bool(cost.get("needs_lm_head")),
+                [int(i) for i in cost.get("checked_layers") or []]))
+    for failure in record.get("failures") or []:
+        if isinstance(failure, dict):
+            info.failures.append(MeasureFailure(failure.get("task"), failure.get("model"),
+                                                str(failure.get("reason", ""))))
+    code = (info.submission or {}).get("sha256")
+    info.installed_code_hash = str(code) if code else None
+    return info
+
+
+def recorded_measures(metadata: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``metadata['measures']``: the run's record of every measure (see
+    :func:`suite.runner.measure_statuses`); empty for results written before it existed."""
+    found = metadata.get("measures") if isinstance(metadata, dict) else None
+    return {str(k): v for k, v in found.items() if isinstance(v, dict)} \
+        if isinstance(found, dict) else {}
 
 
 def _find_dims(model: str, rows: list[ResultRow], *sources: Any) -> tuple[dict[str, int], str] | None:
@@ -77,17 +126,26 @@ def _find_dims(model: str, rows: list[ResultRow], *sources: Any) -> tuple[dict[s
 
 def describe_measure(name: str, rows: list[ResultRow], metadata: dict[str, Any],
                      run_manifest: dict[str, Any] | None) -> MeasureInfo:
-    """Description and declared cost of ``name`` as installed here."""
+    """Description, declared cost and status of ``name``: the run's own record when it has
+    one, else the built-in measure of that name as installed here."""
     from suite.measures import MEASURES, ModelDims, code_hash
 
+    record = recorded_measures(metadata).get(name)
+    if record is not None:
+        return _from_record(name, record)
     try:
         registered = name in MEASURES
     except Exception as exc:  # a broken plugin entry point must not stop the site
         return MeasureInfo(name, False, problem=f"the measure registry failed to load: {exc}")
     if not registered:
-        return MeasureInfo(name, False, problem="not installed here, so its description and "
-                                                "declared cost cannot be shown")
+        return MeasureInfo(name, False, problem="not installed here and not described by the "
+                                                "run, so its description and declared cost "
+                                                "cannot be shown")
     info = MeasureInfo(name, True, source=MEASURES.source(name))
+    if info.source != "builtin":  # submitted code runs only in the sandbox, never here
+        info.problem = ("not built in, and the run did not record its description: rebuild "
+                        "the results with this exitbench to show it")
+        return info
     try:
         measure_cls = MEASURES.get(name)
     except Exception as exc:

@@ -56,6 +56,8 @@ class ValidationCheck:
     name: str
     passed: bool
     message: str
+    status: str = ""
+    """``PASS``, ``FAIL`` or ``SKIP`` as the validator wrote it."""
 
 
 @dataclass(frozen=True)
@@ -267,10 +269,15 @@ def _read_validation(run_dir: Path, notes: list[str]) -> dict[str, ValidationRep
             continue
         checks = []
         for item in raw.get("checks") or []:
-            if isinstance(item, dict):
-                checks.append(ValidationCheck(str(item.get("name", "")),
-                                              bool(item.get("passed", False)),
-                                              str(item.get("message", ""))))
+            if not isinstance(item, dict):
+                continue
+            # the validator's form (suite.validate.CheckResult): check, status, message
+            status = str(item.get("status", "")).upper()
+            if status not in ("PASS", "FAIL", "SKIP"):
+                status = "PASS" if item.get("passed") is True else "FAIL"
+            checks.append(ValidationCheck(str(item.get("check", item.get("name", ""))),
+                                          status != "FAIL", str(item.get("message", "")),
+                                          status))
         reports[raw["measure"]] = ValidationReport(raw["measure"], raw["passed"], checks,
                                                    relative, raw)
     return reports

@@ -83,16 +83,22 @@ def nice_step(span: float, count: int = 5) -> float:
     return 10.0 * magnitude  # pragma: no cover - the loop always returns
 
 
-def _domain(values: list[float]) -> tuple[float, float]:
+def _domain(values: list[float], floor: float | None = None) -> tuple[float, float]:
+    """The axis range of ``values`` with a little padding; never below ``floor`` (0 for
+    quantities that cannot be negative: the metrics, tokens/s) when every value is above it."""
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
-        return 0.0, 1.0
+        return (0.0 if floor is None else floor), 1.0
     low, high = min(finite), max(finite)
     if high - low < 1e-12:
         pad = max(abs(high) * 0.05, 1.0)
-        return low - pad, high + pad
-    pad = (high - low) * 0.06
-    return low - pad, high + pad
+        low, high = low - pad, high + pad
+    else:
+        pad = (high - low) * 0.06
+        low, high = low - pad, high + pad
+    if floor is not None and min(finite) >= floor:
+        low = max(low, floor)
+    return low, high
 
 
 def _tick_label(value: float, step: float) -> str:
@@ -152,8 +158,9 @@ def panel_figure(panel: Panel, colour_index: dict[str, int],
         y_label=f"{panel.metric} (%)")
     xs = [r.tokens_per_s for s in series for r in s.rows] + [panel.full_depth_tokens_per_s]
     ys = [r.quality for s in series for r in s.rows] + [panel.full_depth_quality]
-    x_low, x_high = _domain(xs)
-    y_low, y_high = _domain(ys)
+    # tokens/s and the task metrics (EM, F1, BLEU, ROUGE) are never negative
+    x_low, x_high = _domain(xs, floor=0.0)
+    y_low, y_high = _domain(ys, floor=0.0)
 
     def to_x(value: float) -> float:
         return figure.left + (value - x_low) / (x_high - x_low) * (figure.right - figure.left)

@@ -34,9 +34,10 @@ from typing import Any
 from urllib.parse import quote
 
 import jinja2
+import numpy as np
 from markupsafe import Markup, escape
 
-from leaderboard.describe import describe_measure, describe_profile
+from leaderboard.describe import describe_measure, describe_profile, recorded_measures
 from leaderboard.inputs import LeaderboardError, RunInputs, read_run
 from leaderboard.plot import PALETTE_SIZE, colour_class, format_rate, panel_figure
 from suite import __version__
@@ -122,10 +123,25 @@ def short_hash(value: Any) -> str:
     return text[:12] if len(text) > 12 else text
 
 
+BIDI_CONTROLS = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+"""Unicode's directional formatting characters: an unclosed one (a right-to-left override)
+in a label would reorder the page's own text after it."""
+
+
+def isolate_bidi(value: Any) -> Any:
+    """Jinja's ``finalize``: every string printed that holds a directional formatting
+    character is escaped and wrapped in ``<bdi>``, which ends its effect at the string's end
+    (the CSS also isolates the elements that hold labels: cells, list items, headings)."""
+    if isinstance(value, str) and not isinstance(value, Markup) and BIDI_CONTROLS.search(value):
+        return Markup(f"<bdi>{escape(value)}</bdi>")
+    return value
+
+
 def make_environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
                              autoescape=True, undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                             finalize=isolate_bidi)
     env.filters.update(script_json=script_json, linkify=linkify, speedup=fmt_speedup,
                        quality=fmt_quality, area=fmt_area, sortkey=sort_key, px=fmt_px,
                        rate=format_rate, threshold=fmt_threshold, count=fmt_count,
@@ -272,6 +288,126 @@ def _match_traces(inputs: RunInputs) -> dict[str, str]:
         if entry.canonical_sha256:
             found.setdefault(entry.canonical_sha256, entry.path)
     return found
+
+
+# -- the overview ----------------------------------------------------------------------------
+@dataclass
+class OverviewCell:
+    speedup: float
+    best: bool
+    estimated: bool
+
+
+@dataclass
+class OverviewRow:
+    measure: str
+    deployable: bool
+    cells: list[OverviewCell | None]
+    """One per profile (``None``: the measure has no rows there)."""
+
+
+@dataclass
+class OverviewTable:
+    task: str
+    model: str
+    model_label: str
+    metric: str
+    batch_size: int
+    rows: list[OverviewRow]
+    winners: list[str]
+    """Per profile, the deployable measure(s) with the best speedup there."""
+
+
+def overview_tables(groups: list[PanelGroup], batch_sizes: list[int],
+                    profiles: list[str]) -> list[OverviewTable]:
+    """Per (task, model, batch size): each measure's best speedup within 1% quality loss on
+    every profile side by side, the best deployable replayed measure of each profile marked."""
+    tables = []
+    by_key: dict[tuple[str, str], dict[str, PanelGroup]] = defaultdict(dict)
+    for group in groups:
+        by_key[(group.task, group.model)][group.profile] = group
+    for (task, model), per_profile in sorted(by_key.items()):
+        for batch_size in batch_sizes:
+            panels = {p: g.panels.get(batch_size) for p, g in per_profile.items()}
+            if not any(panels.values()):
+                continue
+            speedups: dict[str, dict[str, tuple[float, bool]]] = defaultdict(dict)
+            deployable: dict[str, bool] = {}
+            for profile, panel in panels.items():
+                if panel is None:
+                    continue
+                for series in panel.series:
+                    if series.mode != "replay":
+                        continue
+                    estimated = any(isinstance(r.extra, dict) and r.extra.get("cost_estimated")
+                                    for r in series.rows)
+                    speedups[series.measure][profile] = (series.best_speedup, estimated)
+                    deployable[series.measure] = series.deployable
+            best: dict[str, float] = {}
+            for profile in profiles:
+                values = [v[profile][0] for m, v in speedups.items()
+                          if profile in v and deployable[m] and _finite(v[profile][0])]
+                if values:
+                    best[profile] = max(values)
+            rows = []
+            for measure in sorted(speedups, key=lambda m: (not deployable[m], m)):
+                cells: list[OverviewCell | None] = []
+                for profile in profiles:
+                    value = speedups[measure].get(profile)
+                    if value is None:
+                        cells.append(None)
+                        continue
+                    cells.append(OverviewCell(value[0], deployable[measure]
+                                              and _finite(value[0]) and profile in best
+                                              and value[0] >= best[profile] - 1e-12, value[1]))
+                rows.append(OverviewRow(measure, deployable[measure], cells))
+            first = next(p for p in panels.values() if p is not None)
+            winners = []
+            for profile in profiles:
+                names = [r.measure for r in rows
+                         if r.cells[profiles.index(profile)] and r.cells[profiles.index(profile)].best]
+                winners.append(", ".join(names) if names else "none")
+            tables.append(OverviewTable(task, model, first.model_label, first.metric,
+                                        batch_size, rows, winners))
+    return tables
+
+
+@dataclass
+class OverviewWins:
+    measure: str
+    wins: int
+    median: float
+
+
+def overview_wins(tables: list[OverviewTable]) -> tuple[list[OverviewWins], int]:
+    """Per deployable measure: on how many panels it is the best, and its median best
+    speedup over the panels where it has one; with the number of panels."""
+    wins: dict[str, int] = defaultdict(int)
+    values: dict[str, list[float]] = defaultdict(list)
+    panels = 0
+    for table in tables:
+        for column in range(len(table.winners)):
+            cells = [(row, row.cells[column]) for row in table.rows if row.cells[column]]
+            if not cells:
+                continue
+            panels += 1
+            for row, cell in cells:
+                if not row.deployable:
+                    continue
+                wins[row.measure] += int(cell.best)
+                if _finite(cell.speedup):
+                    values[row.measure].append(cell.speedup)
+    measures = sorted(set(wins) | set(values))
+    out = [OverviewWins(m, wins[m], float(np.median(values[m])) if values[m] else math.nan)
+           for m in measures]
+    return sorted(out, key=lambda w: (-w.wins, -(w.median if _finite(w.median) else -1),
+                                      w.measure)), panels
+
+
+def estimated_profiles(rows) -> list[tuple[str, str]]:
+    """(measure, profile) pairs whose check cost is an estimate (no timings in the profile)."""
+    return sorted({(r.measure, r.profile) for r in rows
+                   if isinstance(r.extra, dict) and r.extra.get("cost_estimated")})
 
 
 # -- analyses ------------------------------------------------------------------------------
@@ -427,8 +563,11 @@ def build_site_report(results_dir: str | Path, out_dir: str | Path) -> Site:
     batch_sizes = sorted({int(r.batch_size) for r in rows})
     default_batch = batch_sizes[0]
     measures = sorted({r.measure for r in rows})
+    recorded = recorded_measures(inputs.metadata)
+    # measures the run recorded without rows (failed, or left out by validation) get a page too
+    page_measures = sorted(set(measures) | set(recorded))
     profiles = sorted({r.profile for r in rows})
-    measure_slugs = unique_slugs(measures)
+    measure_slugs = unique_slugs(page_measures)
     profile_slugs = unique_slugs(profiles)
     colour_index = {m: i for i, m in enumerate(m for m in measures if m != BASELINE_MEASURE)}
     if BASELINE_MEASURE not in measures:
@@ -442,11 +581,13 @@ def build_site_report(results_dir: str | Path, out_dir: str | Path) -> Site:
     for row in rows:
         rows_by_measure[row.measure].append(row)
     measure_infos = {m: describe_measure(m, rows_by_measure[m], inputs.metadata,
-                                         inputs.run_manifest) for m in measures}
+                                         inputs.run_manifest) for m in page_measures}
+    failed_measures = [(m, measure_infos[m]) for m in page_measures
+                       if measure_infos[m].status != "ok" or measure_infos[m].failures]
     for name, info in measure_infos.items():
         if info.problem:
             notes.append(f"measure {name!r}: {info.problem}")
-        if name not in inputs.validation and inputs.run_dir is not None \
+        if name in measures and name not in inputs.validation and inputs.run_dir is not None \
                 and (inputs.run_dir / "validation").is_dir():
             notes.append(f"measure {name!r}: no validation report in validation/")
     profile_infos = {p: describe_profile(p, inputs.run_manifest) for p in profiles}
@@ -483,9 +624,16 @@ def build_site_report(results_dir: str | Path, out_dir: str | Path) -> Site:
         writer.page("index.html", "index.html", page_title="Fronts and ranking",
                     groups=index_groups, legend=legend, notes=notes,
                     num_rows=len(rows), tasks=sorted({r.task for r in rows}),
-                    profiles=profiles, results_path=str(inputs.results_path))
+                    profiles=profiles, results_path=str(inputs.results_path),
+                    failed_measures=failed_measures,
+                    estimated=estimated_profiles(rows))
+        tables = overview_tables(groups, batch_sizes, profiles)
+        wins, num_panels = overview_wins(tables)
+        writer.page("overview.html", "overview.html", page_title="Which measure is best",
+                    tables=tables, profiles=profiles, wins=wins, num_panels=num_panels,
+                    failed_measures=failed_measures)
         measure_cards = []
-        for measure in measures:
+        for measure in page_measures:
             measure_rows = rows_by_measure[measure]
             hashes = Counter(r.measure_code_hash for r in measure_rows)
             measure_cards.append((measure, measure_infos[measure],
@@ -497,7 +645,10 @@ def build_site_report(results_dir: str | Path, out_dir: str | Path) -> Site:
                 info=measure_infos[measure], report=inputs.validation.get(measure),
                 validation_dir=bool(inputs.run_dir and (inputs.run_dir / "validation").is_dir()),
                 code_hashes=sorted(hashes.items()),
-                deployable=all(r.deployable for r in measure_rows),
+                estimated=sorted({r.profile for r in measure_rows
+                                  if isinstance(r.extra, dict) and r.extra.get("cost_estimated")}),
+                deployable=all(r.deployable for r in measure_rows)
+                if measure_rows else bool(measure_infos[measure].deployable),
                 modes=sorted({r.mode for r in measure_rows}),
                 colour=colour_class(measure, colour_index),
                 groups=_group_views(groups, batch_sizes, default_batch, "../", measure_slugs,

@@ -273,6 +273,8 @@ def _resolve(path: str, base_dir: Path) -> str:
 
 def resolve_paths(config: SuiteConfig, base_dir: str | Path) -> SuiteConfig:
     """``config`` with its relative paths taken from ``base_dir`` (the config file's folder)."""
+    from suite.profiles import is_profile_file
+
     base = Path(base_dir).resolve()
     update: dict[str, Any] = {"output_dir": _resolve(config.output_dir, base)}
     if config.data_dir is not None:
@@ -280,6 +282,8 @@ def resolve_paths(config: SuiteConfig, base_dir: str | Path) -> SuiteConfig:
     if config.tokenizer is not None:
         update["tokenizer"] = config.tokenizer.model_copy(
             update={"path": _resolve(config.tokenizer.path, base)})
+    update["profiles"] = [_resolve(name, base) if is_profile_file(name) else name
+                          for name in config.profiles]
     update["models"] = [
         model.model_copy(update={"path": _resolve(model.path, base)})
         if is_local_model_path(model.path, base, model.train is not None) else model
@@ -330,7 +334,7 @@ def _model_for(loc: tuple[Any, ...]) -> type[BaseModel]:
 
 def _check_names(config: SuiteConfig, path: str) -> None:
     from suite.measures import MEASURES
-    from suite.profiles import PROFILES
+    from suite.profiles import PROFILES, is_profile_file
     from suite.tasks import TASKS, split_base
 
     errors = []
@@ -344,6 +348,8 @@ def _check_names(config: SuiteConfig, path: str) -> None:
     for key, registry, names in (("measures", MEASURES, [m.name for m in config.measures]),
                                  ("profiles", PROFILES, config.profiles)):
         for i, name in enumerate(names):
+            if key == "profiles" and is_profile_file(name):
+                continue  # a profile YAML file: checked when it is loaded
             if name not in registry:
                 errors.append(f"{path}: {key}[{i}]: {registry.unknown(name)}")
     labels = [m.display_name for m in config.measures]

@@ -428,5 +428,25 @@ PROFILES: Registry[HardwareProfile] = Registry("profile", "exitbench.profiles",
                                                _discover_builtin_profiles, _check_profile)
 
 
+def is_profile_file(name: str) -> bool:
+    """A config's ``profiles`` entry that names a YAML file (e.g. one `exitbench profile`
+    wrote for your own GPU) rather than a registered profile."""
+    return name.endswith((".yaml", ".yml"))
+
+
+_FILES: dict[str, HardwareProfile] = {}
+
+
 def get_profile(name: str) -> HardwareProfile:
+    """A registered profile by name, or a profile YAML file by path (its stem is its name)."""
+    if is_profile_file(name):
+        path = Path(name)
+        if not path.is_file():
+            raise ProfileError(f"hardware profile file {path} does not exist; give a profile "
+                               f"name (see `exitbench ls profiles`) or the path of a profile "
+                               f"YAML file (`exitbench profile ... --out FILE.yaml` writes one)")
+        key = str(path.resolve())
+        if key not in _FILES:
+            _FILES[key] = load_profile(path)
+        return _FILES[key]
     return PROFILES.get(name)

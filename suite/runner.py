@@ -77,6 +77,7 @@ def quiet_ray_logging(log_dir: str | Path | None) -> None:
     except OSError:
         return  # no log then; never fail a run for it
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.handleError = lambda record: None  # a full disk must not print log tracebacks
     ray_logger.addHandler(handler)
 
 
@@ -92,8 +93,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     # keep every node on loopback: otherwise Ray picks the machine's interface address
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if address is None:
-        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+        # address="local": always a new instance, never one another process started here
+        ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1",
+                 include_dashboard=False, log_to_driver=False, configure_logging=False)
     else:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     return True
@@ -319,13 +321,14 @@ def part_key(config: SuiteConfig, task: TaskConfig, model: ModelConfig,
              measure: MeasureConfig) -> str:
     """Hash of everything a measure's rows on one (task, model) depend on. A measure's
     stored failure carries the same key, so it is not retried until one of these changes."""
-    from suite.profiles import PROFILES
+    from suite.profiles import get_profile
 
     eval_dir = trace_dir(config.output_dir, task.name, model.name)
     fit_dir = trace_dir(config.output_dir, task.name, model.name, "fit")
     code, needs_fit = measure_facts(measure.name)
     # the profiles' figures price the rows; where their files lie does not
-    profiles = {name: PROFILES.get(name).model_dump(mode="json", exclude={"path"})
+    profiles = {get_profile(name).name: get_profile(name).model_dump(mode="json",
+                                                                     exclude={"path"})
                 for name in config.profiles}
     payload = {
         "traces": _file_sha256(eval_dir / "manifest.json"),
@@ -853,9 +856,9 @@ def write_run_manifest(config: SuiteConfig, config_path: str | None,
                 "model_hash": manifest.model_hash, "tokenizer_hash": manifest.tokenizer_hash,
                 "shards": {s.file: s.sha256 for s in manifest.shards}}
     profiles = {}
-    from suite.profiles import PROFILES
+    from suite.profiles import get_profile
     for name in config.profiles:
-        profile = PROFILES.get(name)
+        profile = get_profile(name)
         if profile.kind == "measured":
             profiles[name] = profile.model_dump(mode="json")
     path = Path(config.output_dir) / "run_manifest.json"

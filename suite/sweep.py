@@ -202,8 +202,13 @@ def _measure_call(name: str, what: str, call):
         raise
     except (KeyboardInterrupt, MemoryError):
         raise
-    except ExitbenchError as exc:  # the measure's own clear message (e.g. one class only)
-        text = str(exc)
+    except ExitbenchError as exc:
+        from suite.sandbox import SandboxedError
+
+        if isinstance(exc, SandboxedError):  # raised by sandboxed code: say what it raised
+            raise MeasureFailedError(f"measure {name!r}: {what} raised "
+                                     f"{describe_exception(exc)}") from exc
+        text = str(exc)  # the measure's own clear message (e.g. one class only)
         raise MeasureFailedError(text if repr(name) in text else f"measure {name!r}: {what}: "
                                  f"{text}") from exc
     except Exception as exc:  # noqa: BLE001 - the measure's failure, named, not the run's

@@ -133,13 +133,18 @@ def make_run(root: Path, *, with_extras: bool = True) -> Path:
             "versions": {"exitbench": "0.1.0", "torch": "2.13.0"},
             "note": "</script><script>window.__xss=3</script>",
             "profiles": {"toy_measured": measured_profile()}})
-        atomic_write_json(run / "validation" / "softmax_margin.json", {
-            "measure": "softmax_margin", "passed": True,
-            "checks": [{"name": "causality", "passed": True, "message": "ok"},
-                       {"name": "determinism", "passed": True, "message": "ok"}]})
-        atomic_write_json(run / "validation" / "hostile.json", {
-            "measure": HOSTILE, "passed": False,
-            "checks": [{"name": "causality", "passed": False, "message": HOSTILE_MESSAGE}]})
+        # the reports in the form the validator writes them (the runner adds key, measure)
+        from suite.measures import MEASURES
+        from suite.validate import FAIL, CheckResult, ValidationReport, validate_measure
+
+        report = validate_measure(MEASURES.get("softmax_margin"), {}, source="builtin",
+                                  expected_name="softmax_margin").to_dict()
+        atomic_write_json(run / "validation" / "softmax_margin.json",
+                          {**report, "measure": "softmax_margin"})
+        hostile = ValidationReport(measure=HOSTILE, source="hostile.py", options={},
+                                   deployable=True,
+                                   checks=[CheckResult("causality", FAIL, HOSTILE_MESSAGE)])
+        atomic_write_json(run / "validation" / "hostile.json", hostile.to_dict())
         (run / "analysis").mkdir(parents=True)
         (run / "analysis" / "monotonicity.svg").write_text(
             '<svg xmlns="http://www.w3.org/2000/svg" width="40" height="20">'
@@ -316,6 +321,10 @@ def test_pages_show_model_labels_validation_profiles_and_provenance(built):
         assert label in (out / page).read_text("utf-8"), page
     margin = (out / "measures/softmax_margin.html").read_text("utf-8")
     assert "causality" in margin and "Passed" in margin
+    # every check of the validator's report reads as passed (or skipped), none as FAIL
+    cells = re.findall(r'<td class="(passed|failed|skipped)">(pass|FAIL|skipped)</td>', margin)
+    assert len(cells) >= 10 and all(c != "FAIL" for _, c in cells), cells
+    assert ("passed", "pass") in cells and '<td>causality-tokens</td>' in margin
     assert hashlib.sha256(b"softmax_margin").hexdigest() in margin  # the rows' code hash
     assert "needs the lm head" in margin.lower() and "Declared cost" in margin
     static = (out / "measures/static_layer.html").read_text("utf-8")

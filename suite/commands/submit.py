@@ -10,8 +10,11 @@ the reason (a failed check, a failure on the real traces, no traces recorded yet
 from __future__ import annotations
 
 import argparse
-import json
 import time
+
+from suite.commands.validate_measure import parse_options
+from suite.lock import add_wait_argument
+from suite.sandbox import add_sandbox_argument
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,33 +26,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the suite config whose traces to replay over (already recorded "
                              "by `exitbench run`)")
     parser.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a constructor option (value parsed as JSON, else a string)")
+                        help="a constructor option (value parsed as YAML: 3, 0.5, mlp, null); "
+                             "repeat for several")
     parser.add_argument("--replace", action="store_true",
                         help="replace a stored submission of the same name (other code or "
                              "options)")
-    parser.add_argument("--sandbox", choices=["bwrap", "process"], default=None,
-                        help="isolation of the measure's code (default: the config's "
-                             "sandbox.mode, bwrap); 'process' does not isolate files: only for "
-                             "code you trust")
-    parser.add_argument("--no-wait", action="store_true",
-                        help="stop at once when another command holds the run directory")
+    add_sandbox_argument(parser)
+    add_wait_argument(parser)
     parser.add_argument("--no-leaderboard", action="store_true")
     parser.set_defaults(func=run)
-
-
-def parse_options(pairs: list[str]) -> dict:
-    from suite.errors import ExitbenchError
-
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ExitbenchError(f"option {pair!r} is not KEY=VALUE")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
 
 
 def _step(text: str, started: float) -> None:

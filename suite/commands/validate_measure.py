@@ -7,6 +7,7 @@ import argparse
 import yaml
 
 from suite.errors import ExitbenchError
+from suite.sandbox import add_sandbox_argument
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,6 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="decoder layers of the synthetic traces (default 6)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic traces and fits")
     parser.add_argument("--json", metavar="PATH", help="also write the reports as JSON")
+    parser.add_argument("--config", metavar="CONFIG",
+                        help="take the sandbox's settings (limits, mode) from this suite "
+                             "config's `sandbox:` section")
+    add_sandbox_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -58,9 +63,11 @@ def run(args: argparse.Namespace) -> int:
         raise ExitbenchError(f"--layers {args.layers} is too shallow to test causality; use 3 "
                              f"or more")
     options = parse_options(args.option)
+    sandbox = sandbox_settings(args)
     reports = []
     for spec in specs:
-        report = validate_spec(spec, options, seed=args.seed, num_layers=args.layers)
+        report = validate_spec(spec, options, seed=args.seed, num_layers=args.layers,
+                               sandbox=sandbox)
         print(report.format())
         reports.append(report)
     if len(reports) > 1:
@@ -71,3 +78,16 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_json(args.json, {"passed": all(r.passed for r in reports),
                                       "reports": [r.to_dict() for r in reports]})
     return 0 if all(r.passed for r in reports) else 1
+
+
+def sandbox_settings(args: argparse.Namespace):
+    """The sandbox settings of ``--config`` (default ones without it), ``--sandbox`` applied."""
+    from suite.config import SandboxConfig, load_config
+    from suite.sandbox import configure
+
+    section = load_config(args.config).sandbox if args.config else SandboxConfig()
+    if args.sandbox:
+        section = section.model_copy(update={"mode": args.sandbox})
+    settings = section.settings()
+    configure(settings)
+    return settings

@@ -159,6 +159,14 @@ def configure(settings: SandboxSettings) -> None:
     _default_settings = settings
 
 
+def add_sandbox_argument(parser) -> None:
+    """``--sandbox bwrap|process`` on a command that loads submitted code."""
+    parser.add_argument("--sandbox", choices=["bwrap", "process"], default=None,
+                        help="isolation of submitted code (default: the config's sandbox.mode, "
+                             "bwrap); 'process' keeps the limits and the system-call filter "
+                             "but does not isolate files: only for code you trust")
+
+
 def _import_spec_hash(spec: str) -> str:
     """SHA-256 of the file that defines ``package.module`` (found without importing it)."""
     import importlib.util
@@ -586,6 +594,8 @@ def isolated_measure_class(code: MeasureCode, settings: SandboxSettings | None =
         if key in attributes and attributes[key] is not None:
             namespace[key] = attributes[key]
     namespace.setdefault("name", label)
+    if isinstance(namespace["name"], str) and namespace["name"]:
+        session.label = namespace["name"]  # messages name the measure, not its file
     namespace.setdefault("description", "")
     namespace.setdefault("reads", frozenset())
     qualname = str(description.get("qualname") or "SubmittedMeasure")
