@@ -83,8 +83,10 @@ def read_holder(path: Path) -> LockHolder | None:
 
 
 def _command_line() -> str:
-    argv = [os.path.basename(sys.argv[0]) if sys.argv else "python"] + sys.argv[1:]
-    return " ".join(argv)[:300]
+    program = os.path.basename(sys.argv[0]) if sys.argv else "python"
+    if program in ("exitbench", "cli.py", "__main__.py"):  # the console script or -m suite.cli
+        program = "exitbench"
+    return " ".join([program] + sys.argv[1:])[:300]
 
 
 def _write_holder(fd: int) -> None:
@@ -92,8 +94,7 @@ def _write_holder(fd: int) -> None:
               "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     data = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
     os.ftruncate(fd, 0)
-    os.pwrite(fd, data, 0)
-    os.fsync(fd)
+    os.pwrite(fd, data, 0)  # informational: no fsync needed
 
 
 @contextlib.contextmanager

@@ -57,28 +57,38 @@ RAY_LOG = "ray.log"
 instead of the terminal; ``exitbench -v`` shows them too."""
 
 
+RAY_NOTICE_LOGGERS = ("ray", "ray._private.authentication.authentication_token_setup")
+"""Loggers whose records go to ``ray.log``: Ray's own, and the one that announces token
+authentication at every start (``ray.init`` resets the ``ray`` logger's handlers, so that
+notice needs its own)."""
+
+
 def quiet_ray_logging(log_dir: str | Path | None) -> None:
-    """Send the ``ray`` loggers' records to ``log_dir/ray.log`` (and not to the terminal,
-    unless the root logger is at DEBUG, i.e. ``exitbench -v``)."""
+    """Send Ray's loggers' records to ``log_dir/ray.log`` and not to the terminal (unless the
+    root logger is at DEBUG, i.e. ``exitbench -v``). Called before and after ``ray.init``."""
     import ray  # noqa: F401 - ray installs its own terminal handler on import
 
-    ray_logger = logging.getLogger("ray")
     if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
         return
-    ray_logger.propagate = False
-    for handler in list(ray_logger.handlers):  # ray's own handler writes to the terminal
-        if not isinstance(handler, logging.FileHandler):
-            ray_logger.removeHandler(handler)
-    if log_dir is None or any(isinstance(h, logging.FileHandler) for h in ray_logger.handlers):
-        return
-    try:
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(Path(log_dir) / RAY_LOG, encoding="utf-8")
-    except OSError:
-        return  # no log then; never fail a run for it
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.handleError = lambda record: None  # a full disk must not print log tracebacks
-    ray_logger.addHandler(handler)
+    handler = None
+    if log_dir is not None:
+        try:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(Path(log_dir) / RAY_LOG, encoding="utf-8")
+        except OSError:
+            handler = None  # no log then; never fail a run for it
+    if handler is not None:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.handleError = lambda record: None  # a full disk must not print tracebacks
+    for name in RAY_NOTICE_LOGGERS:
+        ray_logger = logging.getLogger(name)
+        ray_logger.propagate = False
+        for old in list(ray_logger.handlers):  # ray's own handler writes to the terminal
+            ray_logger.removeHandler(old)
+            if isinstance(old, logging.FileHandler):
+                old.close()
+        ray_logger.addHandler(handler if handler is not None else logging.NullHandler())
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None,
@@ -98,6 +108,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
                  include_dashboard=False, log_to_driver=False, configure_logging=False)
     else:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
+    quiet_ray_logging(log_dir)  # ray.init reset the ray logger's handlers
     return True
 
 
