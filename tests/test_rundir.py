@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import submitted_measures as sm
-from run_fixtures import results, rows_by_measure, shard_hashes, write_config
+from run_fixtures import rows_by_measure, shard_hashes, write_config
 
 from suite.cli import main
 
