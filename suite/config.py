@@ -162,6 +162,14 @@ class OnlineConfig(_Strict):
     ones; ``None``: the first of ``profiles``."""
 
 
+class UncertaintyConfig(_Strict):
+    """Bootstrap over examples behind every interval (:mod:`suite.uncertainty`); the seed is
+    the config's ``seed``."""
+
+    resamples: int = Field(default=1000, ge=2)
+    confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
+
+
 class SuiteConfig(_Strict):
     """A whole suite run."""
 
@@ -189,6 +197,7 @@ class SuiteConfig(_Strict):
     """Build the static site into ``<output_dir>/site`` at the end of ``exitbench run``."""
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     online: OnlineConfig = Field(default_factory=OnlineConfig)
+    uncertainty: UncertaintyConfig = Field(default_factory=UncertaintyConfig)
     extra: dict[str, Any] = Field(default_factory=dict)
     """Free-form settings for later stages (training, replay); kept in the manifest."""
 
@@ -264,7 +273,7 @@ def _model_for(loc: tuple[Any, ...]) -> type[BaseModel]:
         annotation = {"tasks": TaskConfig, "models": ModelConfig, "ray": RayConfig,
                       "measures": MeasureConfig, "tokenizer": TokenizerConfig,
                       "train": TrainConfig, "analysis": AnalysisConfig,
-                      "online": OnlineConfig}.get(str(item))
+                      "online": OnlineConfig, "uncertainty": UncertaintyConfig}.get(str(item))
         if annotation is None:
             break
         model = annotation

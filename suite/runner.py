@@ -281,12 +281,25 @@ def part_key(config: SuiteConfig, task: TaskConfig, model: ModelConfig,
         "profiles": profiles,
         "batch_sizes": config.batch_sizes, "dtype": config.dtype, "seed": config.seed,
         "task": task.model_dump(mode="json"), "suite": __version__,
+        "uncertainty": config.uncertainty.model_dump(mode="json"),  # issue 17
     }
     return content_key(payload)
 
 
 def _part_path(output_dir: str | Path, task: str, model: str, measure: str) -> Path:
     return Path(output_dir) / "results" / "parts" / task / model / f"{file_stem(measure)}.json"
+
+
+def samples_part_path(part_path: Path, measure: str) -> Path:
+    """The samples Parquet stored beside a measure's part (issue 17)."""
+    return part_path.parent / "samples" / f"{file_stem(measure)}.parquet"
+
+
+def bootstrap_settings(config: SuiteConfig):
+    from suite.uncertainty import BootstrapSettings
+
+    return BootstrapSettings(resamples=config.uncertainty.resamples, seed=config.seed,
+                             confidence=config.uncertainty.confidence)
 
 
 def replay_group(config: SuiteConfig, task: TaskConfig, model: ModelConfig,
@@ -307,19 +320,22 @@ def replay_group(config: SuiteConfig, task: TaskConfig, model: ModelConfig,
     per_measure = {}
     reports = {}
     errors = {}
+    samples: dict[str, dict] = {}
     for measure in measures:
         try:
             result = sweep(inputs, [measure], config.profiles, config.batch_sizes,
                            score_cache=cache, fit_cache_dir=Path(config.output_dir) / "measures",
-                           seed=config.seed)
+                           seed=config.seed, bootstrap=bootstrap_settings(config))
         except ExitbenchError as exc:  # one measure's failure must not lose the others
             errors[measure.display_name] = str(exc)
             continue
         per_measure[measure.display_name] = [row.to_dict() for row in result.rows]
+        samples.update(result.samples)  # issue 17: per-point samples ("" is full depth)
         reports[measure.display_name] = {"seconds": result.seconds,
                                          "outputs_scored": result.outputs_scored,
                                          "outputs_from_cache": result.outputs_from_cache}
-    return {"rows": per_measure, "reports": reports, "cache": cache.entries, "errors": errors}
+    return {"rows": per_measure, "reports": reports, "cache": cache.entries, "errors": errors,
+            "samples": samples}
 
 
 def run_replay_stage(config: SuiteConfig, *, progress: bool = True,
@@ -338,7 +354,8 @@ def run_replay_stage(config: SuiteConfig, *, progress: bool = True,
             for measure in config.measures:
                 path = _part_path(config.output_dir, task.name, model.name, measure.display_name)
                 key = part_key(config, task, model, measure)
-                if path.is_file() and json.loads(path.read_text("utf-8")).get("key") == key:
+                if path.is_file() and json.loads(path.read_text("utf-8")).get("key") == key \
+                        and samples_part_path(path, measure.display_name).is_file():
                     report.skipped += 1
                 else:
                     todo.append((measure, key, path))
@@ -390,6 +407,8 @@ def run_replay_stage(config: SuiteConfig, *, progress: bool = True,
 
 def _store_group(out: dict, todo, cache, report: StageReport, bar, scored: int,
                  from_cache: int) -> tuple[int, int]:
+    from suite.aggregated import write_samples_part
+
     cache.entries.update(out["cache"])
     for measure, key, path in todo:
         name = measure.display_name
@@ -398,6 +417,8 @@ def _store_group(out: dict, todo, cache, report: StageReport, bar, scored: int,
             report.notes.append(f"{name} failed: {out['errors'][name]}")
             bar.update(1)
             continue
+        # samples first: a part whose JSON exists is complete (issue 17)
+        write_samples_part(path, name, out["samples"])
         atomic_write_json(path, {"key": key, "rows": out["rows"][name],
                                  "report": out["reports"][name]})
         scored += out["reports"][name]["outputs_scored"]
@@ -431,10 +452,14 @@ def publish_results(config: SuiteConfig) -> int:
     from suite.fronts import fronts_summary
     from suite.results import write_results
 
+    from suite.aggregated import publish_aggregated
+
     rows = collect_results(config)
     results_dir = Path(config.output_dir) / "results"
     write_results(results_dir, rows, {"run": config.name, "versions": versions()})
-    atomic_write_json(results_dir / "fronts.json", fronts_summary(rows))
+    # issue 17: samples.parquet, intervals of the fronts, aggregated.json (harness style)
+    samples = publish_aggregated(config, rows, results_dir)
+    atomic_write_json(results_dir / "fronts.json", fronts_summary(rows, samples))
     return len(rows)
 
 

@@ -44,6 +44,7 @@ from suite.replay import (
 from suite.results import ResultRow
 from suite.tasks import TaskSpec, load_examples
 from suite.traces import TraceArrays, TraceStore, sha256_file
+from suite.uncertainty import BootstrapSettings
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,9 @@ class SweepReport:
     outputs_scored: int
     outputs_from_cache: int
     per_measure_seconds: dict[str, float]
+    samples: dict[str, dict[str, list]] = field(default_factory=dict)
+    """Measure -> its per-point samples (:func:`suite.samples.sample_records` columns);
+    ``""`` -> the full-depth output's."""
 
 
 def instantiate(config: MeasureConfig) -> Measure:
@@ -158,9 +162,11 @@ def fitted_measure(config: MeasureConfig, inputs: SweepInputs, hidden: HiddenSta
 
 def sweep(inputs: SweepInputs, measures: Sequence[MeasureConfig], profiles: Sequence[str],
           batch_sizes: Sequence[int], *, score_cache: ScoreCache | None = None,
-          fit_cache_dir: Path | None = None, seed: int = 0) -> SweepReport:
+          fit_cache_dir: Path | None = None, seed: int = 0,
+          bootstrap: BootstrapSettings | None = None) -> SweepReport:
     """Replay, score and price every measure on one (task, model)'s traces."""
     from suite.models import load_tokenizer
+    from suite.point_stats import PointStatistics
 
     started = time.perf_counter()
     store = TraceStore(inputs.trace_dir)
@@ -208,6 +214,11 @@ def sweep(inputs: SweepInputs, measures: Sequence[MeasureConfig], profiles: Sequ
 
     full = quality_of(traces.final_id)
     primary = full["primary"]
+    # issue 17: per-example samples, quality intervals and per-request latency of each point
+    points = PointStatistics(traces, example_ids, references, inputs.task, inputs.model.name,
+                             detokenize, info.eos_token_id, cache,
+                             bootstrap or BootstrapSettings(seed=seed))
+    points.add_full_depth()
     example_index = example_index_from_ids(traces.example_id)
     loaded_profiles = [get_profile(name) for name in profiles]
     costs = {p.name: operation_costs(p, info.dims, inputs.dtype, info.gated_ffn,
@@ -229,6 +240,7 @@ def sweep(inputs: SweepInputs, measures: Sequence[MeasureConfig], profiles: Sequ
         tokens = replayed_tokens(traces, exits)
         stats = exit_statistics(traces, replayed)
         qualities = [quality_of(tokens[k]) for k in range(len(thresholds))]
+        intervals = points.add_measure(name, config.min_layer, thresholds, tokens, exits)
         check_cost = measure.check_cost(info.dims)
         checked = measure.checked_layers(traces.num_layers)
         measure_hash = code_hash(type(measure))
@@ -240,6 +252,7 @@ def sweep(inputs: SweepInputs, measures: Sequence[MeasureConfig], profiles: Sequ
                                       checked, config.min_layer, measure.propagation,
                                       measure_name=config.name)
                 full_tokens_per_s = traces.num_tokens / priced.full_depth_seconds
+                latency = points.latency(priced, example_index, profile)
                 for k, threshold in enumerate(thresholds):
                     rows.append(ResultRow(
                         task=inputs.task.name, split=inputs.split, model=inputs.model.name,
@@ -261,10 +274,11 @@ def sweep(inputs: SweepInputs, measures: Sequence[MeasureConfig], profiles: Sequ
                         num_tokens=traces.num_tokens, traces_hash=traces_hash,
                         measure_code_hash=measure_hash,
                         extra={"model_dims": info.dims.__dict__,
-                               "signature": qualities[k].get("signature")}))
+                               "signature": qualities[k].get("signature")},
+                        **intervals[k], **latency[k]))
         per_measure[name] = time.perf_counter() - measure_started
     return SweepReport(rows=rows, seconds=time.perf_counter() - started,
                        outputs_scored=cache.misses - misses_before,
                        outputs_from_cache=cache.hits - hits_before,
-                       per_measure_seconds=per_measure)
+                       per_measure_seconds=per_measure, samples=points.samples)
 
