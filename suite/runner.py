@@ -449,10 +449,9 @@ def collect_results(config: SuiteConfig) -> list:
 
 def publish_results(config: SuiteConfig) -> int:
     """Write ``results/`` (Parquet, JSON, fronts) from every stored part; return the rows."""
+    from suite.aggregated import publish_aggregated
     from suite.fronts import fronts_summary
     from suite.results import write_results
-
-    from suite.aggregated import publish_aggregated
 
     rows = collect_results(config)
     results_dir = Path(config.output_dir) / "results"
