@@ -451,8 +451,26 @@ def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
                 extra={"model_dims": info.dims.__dict__, "device": config.device,
                        "measured_on": _machine(), "repeats": config.online.repeats,
                        "fidelity": {k2: v for k2, v in entry.items()
-                                    if k2 not in ("measure", "threshold", "batch_size")}}))
+                                    if k2 not in ("measure", "threshold", "batch_size")}},
+                **measured_latency(run, ctx.profile)))
     return {"rows": [r.to_dict() for r in rows], "fidelity": entries}
+
+
+def measured_latency(run: OnlineRun, profile) -> dict[str, Any]:
+    """Row fields of the per-request TTFT / TPOT percentiles measured online (issue 17)."""
+    from suite.cost import example_index_from_ids
+    from suite.latency import from_emissions, meets_limits
+    from suite.results import finite_or_none
+
+    if run.emitted_at_seconds is None:
+        return {}
+    index = example_index_from_ids(run.traces.example_id)
+    percentiles = from_emissions(index, run.traces.position, run.emitted_at_seconds,
+                                 int(index.max(initial=-1)) + 1).percentiles()[0]
+    fields: dict[str, Any] = {k: finite_or_none(v) for k, v in percentiles.items()}
+    fields["meets_latency_limits"] = meets_limits(percentiles,
+                                                  getattr(profile, "latency_limits", None))
+    return fields
 
 
 def _agreement(online: list[np.ndarray], full: list[np.ndarray]) -> float:
