@@ -452,8 +452,19 @@ def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
                        "measured_on": _machine(), "repeats": config.online.repeats,
                        "fidelity": {k2: v for k2, v in entry.items()
                                     if k2 not in ("measure", "threshold", "batch_size")}},
-                **measured_latency(run, ctx.profile)))
+                **measured_latency(run, ctx.profile), **_online_interval(ctx, online_sequences)))
     return {"rows": [r.to_dict() for r in rows], "fidelity": entries}
+
+
+def _online_interval(ctx: OnlineContext, sequences: list[np.ndarray]) -> dict[str, Any]:
+    """Bootstrap interval of an online point's quality (issue 17)."""
+    from suite.point_stats import quality_interval_fields
+    from suite.runner import bootstrap_settings
+
+    texts = ctx.detokenize([list(map(int, s)) for s in cut_at_eos(sequences,
+                                                                  ctx.adapter.eos_token_id)])
+    return quality_interval_fields(ctx.task.metric, ctx.example_ids, texts, ctx.references,
+                                   bootstrap_settings(ctx.config))
 
 
 def measured_latency(run: OnlineRun, profile) -> dict[str, Any]:

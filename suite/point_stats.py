@@ -82,14 +82,7 @@ class PointStatistics:
         for k, threshold in enumerate(thresholds):
             _, interval, columns = self._point(tokens[k], exits[k])
             self._record(measure, measure, "replay", float(threshold), min_layer, columns)
-            fields.append({
-                "quality_stderr": finite_or_none(interval["stderr"]),
-                "quality_ci_low": finite_or_none(interval["low"]),
-                "quality_ci_high": finite_or_none(interval["high"]),
-                "confidence_level": float(interval["confidence"]),
-                "bootstrap_resamples": int(interval["resamples"]),
-                "bootstrap_seed": int(self.settings.seed),
-                "interval_method": str(interval["method"])})
+            fields.append(interval_fields(interval, self.settings))
         return fields
 
     @staticmethod
@@ -105,3 +98,24 @@ class PointStatistics:
                                                                        None))
             out.append(fields)
         return out
+
+
+def interval_fields(interval: dict[str, Any], settings: BootstrapSettings) -> dict[str, Any]:
+    """The :class:`suite.results.ResultRow` fields of a quality interval (``Interval.to_dict``)."""
+    return {"quality_stderr": finite_or_none(interval["stderr"]),
+            "quality_ci_low": finite_or_none(interval["low"]),
+            "quality_ci_high": finite_or_none(interval["high"]),
+            "confidence_level": float(interval["confidence"]),
+            "bootstrap_resamples": int(interval["resamples"]),
+            "bootstrap_seed": int(settings.seed),
+            "interval_method": str(interval["method"])}
+
+
+def quality_interval_fields(metric: str, example_ids: Sequence[str], texts: Sequence[str],
+                            references: Sequence[Sequence[str]],
+                            settings: BootstrapSettings) -> dict[str, Any]:
+    """Row fields of the interval of one output list's quality (online rows)."""
+    stats = ExampleStatsCache(metric).stats(list(example_ids), list(texts),
+                                            [list(r) for r in references])
+    interval = quality_interval(metric, stats, Resampler(len(example_ids), settings))
+    return interval_fields(interval.to_dict(), settings)
