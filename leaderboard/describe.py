@@ -287,12 +287,27 @@ def _table_views(name: str, value: Any) -> list[TableView]:
     return [TableView(name, ["value"], [[format_figure(name, value)]])]
 
 
+def latency_limits_text(limits: Any) -> str | None:
+    """``p99 TTFT <= 2 s, TPOT <= 0.2 s`` for a profile's ``latency_limits`` mapping."""
+    if not isinstance(limits, dict):
+        return None
+    parts = [f"{name} ≤ {limits[key]:g} s" for name, key in (("TTFT", "ttft_seconds"),
+                                                             ("TPOT", "tpot_seconds"))
+             if limits.get(key) is not None]
+    return f"p{limits.get('percentile', 99)} " + ", ".join(parts) if parts else None
+
+
 def _render_profile(info: ProfileInfo, data: dict[str, Any]) -> None:
     info.kind = str(data.get("kind"))
     info.description = str(data.get("description", "") or "")
+    limits = latency_limits_text(data.get("latency_limits"))
+    if limits:
+        info.specs.append(SpecRow("latency_limits", limits, str(
+            data["latency_limits"].get("source") or "no source given")))
     if info.kind == "simulated":
         sources = data.get("sources") if isinstance(data.get("sources"), dict) else {}
-        skip = {"name", "kind", "description", "sources", "unsupported_dtypes", "path"}
+        skip = {"name", "kind", "description", "sources", "unsupported_dtypes", "path",
+                "latency_limits"}
         for key, value in data.items():
             if key in skip:
                 continue

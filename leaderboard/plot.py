@@ -39,6 +39,9 @@ class Marker:
     quality: float
     tokens_per_s: float
     front: bool
+    error_top: float | None = None
+    """Pixel y of the upper end of the quality interval (None: no interval)."""
+    error_bottom: float | None = None
 
     @property
     def diamond_path(self) -> str:
@@ -133,11 +136,27 @@ def format_rate(value: float) -> str:
     return f"{value:,.3g}" if abs(value) >= 1 else f"{value:.3g}"
 
 
+def _interval(row) -> tuple[float, float] | None:
+    low, high = getattr(row, "quality_ci_low", None), getattr(row, "quality_ci_high", None)
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return None
+    return float(low), float(high)
+
+
 def point_title(row, metric: str) -> str:
     mode = "" if row.mode == "replay" else f" ({row.mode}, measured)"
-    return (f"{row.measure}{mode}\nthreshold {row.threshold:g}\n{metric} {row.quality:.2f}\n"
+    interval = _interval(row)
+    ci = (f" (95% CI {interval[0]:.2f} to {interval[1]:.2f})"
+          if interval and row.confidence_level == 0.95 else
+          f" ({row.confidence_level:.0%} CI {interval[0]:.2f} to {interval[1]:.2f})"
+          if interval else "")
+    latency = (f"\np99 TTFT {row.ttft_p99_seconds * 1e3:.3g} ms, TPOT "
+               f"{row.tpot_p99_seconds * 1e3:.3g} ms"
+               if getattr(row, "ttft_p99_seconds", None) is not None
+               and getattr(row, "tpot_p99_seconds", None) is not None else "")
+    return (f"{row.measure}{mode}\nthreshold {row.threshold:g}\n{metric} {row.quality:.2f}{ci}\n"
             f"{format_rate(row.tokens_per_s)} tokens/s ({row.speedup:.2f}x full depth)\n"
-            f"mean layers {row.mean_layers_used:.2f} of {row.num_layers}")
+            f"mean layers {row.mean_layers_used:.2f} of {row.num_layers}{latency}")
 
 
 def colour_class(measure: str, colour_index: dict[str, int]) -> str:
@@ -157,7 +176,8 @@ def panel_figure(panel: Panel, colour_index: dict[str, int],
         x_label=f"tokens/s ({panel.profile}, batch {panel.batch_size})",
         y_label=f"{panel.metric} (%)")
     xs = [r.tokens_per_s for s in series for r in s.rows] + [panel.full_depth_tokens_per_s]
-    ys = [r.quality for s in series for r in s.rows] + [panel.full_depth_quality]
+    ys = [r.quality for s in series for r in s.rows] + [panel.full_depth_quality] + \
+        [v for s in series for r in s.rows for v in (_interval(r) or ())]
     # tokens/s and the task metrics (EM, F1, BLEU, ROUGE) are never negative
     x_low, x_high = _domain(xs, floor=0.0)
     y_low, y_high = _domain(ys, floor=0.0)
@@ -180,13 +200,16 @@ def panel_figure(panel: Panel, colour_index: dict[str, int],
                 " ".join(f"{to_x(r.tokens_per_s):.2f},{to_y(r.quality):.2f}" for r in front),
                 f"front {colour} {mode_css}", s.measure, s.mode))
         for row, on_front in zip(s.rows, s.front):
+            interval = _interval(row)
             figure.markers.append(Marker(
                 x=to_x(row.tokens_per_s), y=to_y(row.quality),
                 shape="diamond" if s.mode != "replay" else "circle",
                 css=f"point {colour} {mode_css}" + ("" if on_front else " off-front"),
                 title=point_title(row, panel.metric), measure=s.measure, mode=s.mode,
                 threshold=row.threshold, quality=row.quality, tokens_per_s=row.tokens_per_s,
-                front=bool(on_front)))
+                front=bool(on_front),
+                error_top=to_y(interval[1]) if interval else None,
+                error_bottom=to_y(interval[0]) if interval else None))
     if math.isfinite(panel.full_depth_tokens_per_s) and math.isfinite(panel.full_depth_quality):
         figure.full_depth = Marker(
             x=to_x(panel.full_depth_tokens_per_s), y=to_y(panel.full_depth_quality),

@@ -194,6 +194,14 @@ class RankingRow:
     points: int
     colour: str
     is_baseline: bool
+    # issue 17: intervals, the paired comparison with the row above, latency at the best point
+    best_speedup_ci: tuple[float, float] | None = None
+    area_ci: tuple[float, float] | None = None
+    tie_with_above: bool = False
+    tie_title: str = ""
+    ttft_p99: float | None = None
+    latency_text: str = "n/a"
+    over_limits: bool = False
 
 
 @dataclass
@@ -229,25 +237,45 @@ class Site:
     num_panels: int
 
 
-def _ranking_key(row: RankingRow) -> tuple:
-    best = row.best_speedup if _finite(row.best_speedup) else -math.inf
-    area = row.area if _finite(row.area) else -math.inf
-    return (-best, -area, row.measure, row.mode)
+def _ci(interval) -> tuple[float, float] | None:
+    if interval is None or not (_finite(interval.low) and _finite(interval.high)):
+        return None
+    return (interval.low, interval.high)
+
+
+def _latency_at_best(series) -> tuple[float | None, str, bool]:
+    best = next((r for r in series.rows if _finite(series.best_speedup)
+                 and r.speedup == series.best_speedup), None)
+    if best is None or best.ttft_p99_seconds is None:
+        return None, "n/a", False
+    tpot = (f"{best.tpot_p99_seconds * 1e3:.3g} ms" if best.tpot_p99_seconds is not None
+            else "n/a")
+    return (best.ttft_p99_seconds, f"{best.ttft_p99_seconds * 1e3:.3g} ms / {tpot}",
+            best.meets_latency_limits is False)
 
 
 def _ranking(panel: Panel, root: str, measure_slugs: dict[str, str],
              colour_index: dict[str, int], only: set[str] | None = None) -> list[RankingRow]:
+    from suite.fronts import ranked
+
     rows = []
-    for s in panel.series:
-        if only is not None and s.measure not in only:
-            continue
+    kept = [s for s in panel.series if only is None or s.measure in only]
+    for s, above in ranked(panel, kept):
+        ttft, latency_text, over = _latency_at_best(s)
+        tie = above is not None and not above.significant and _finite(above.p_value)
         rows.append(RankingRow(
             measure=s.measure, href=f"{root}measures/{measure_slugs[s.measure]}.html",
             mode=s.mode, deployable=s.deployable, best_speedup=s.best_speedup, area=s.area,
             fastest_quality=s.fastest_quality, fastest_speedup=s.fastest_speedup,
             points=len(s.rows), colour=colour_class(s.measure, colour_index),
-            is_baseline=s.is_baseline))
-    return sorted(rows, key=_ranking_key)
+            is_baseline=s.is_baseline, best_speedup_ci=_ci(s.best_speedup_interval),
+            area_ci=_ci(s.area_interval), tie_with_above=tie,
+            tie_title=(f"not significantly different from the measure above on "
+                       f"{above.statistic}: difference {above.difference:+.3g}, p = "
+                       f"{above.p_value:.3f} (paired bootstrap, {above.resamples} resamples)"
+                       if tie else ""),
+            ttft_p99=ttft, latency_text=latency_text, over_limits=over))
+    return rows
 
 
 def _group_views(groups: list[PanelGroup], batch_sizes: list[int], default_batch: int,
@@ -552,14 +580,38 @@ class _Writer:
         self.pages.append(Path(relative))
 
 
-def build_site_report(results_dir: str | Path, out_dir: str | Path) -> Site:
-    """Build the site; returns what was built and the notes on what is missing."""
+def _samples_beside(results_path: Path, notes: list[str]):
+    """Per-point statistics from ``samples.parquet`` next to the results file (issue 17),
+    for the intervals of the ranking; None (and a note) when it is missing or unreadable."""
+    from suite.samples import read_samples, stats_by_point
+
+    path = results_path.parent / "samples.parquet"
+    if not path.is_file():
+        notes.append("no samples.parquet beside the results: the ranking shows no intervals")
+        return None
+    try:
+        return stats_by_point(read_samples(path, ["task", "model", "measure", "mode",
+                                                  "threshold", "example_id", "metric",
+                                                  "stats"]))
+    except Exception as exc:  # noqa: BLE001 - the site is still built, without intervals
+        notes.append(f"{path}: not readable ({exc}); the ranking shows no intervals")
+        return None
+
+
+def build_site_report(results_dir: str | Path, out_dir: str | Path, *,
+                      within_latency_limits: bool = False) -> Site:
+    """Build the site; returns what was built and the notes on what is missing.
+    ``within_latency_limits`` ranks only the points within their profile's latency limits."""
     inputs = read_run(results_dir)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, inputs)
     rows = inputs.rows
     notes = list(inputs.notes) + consistency_notes(rows)
-    groups = build_panels(rows)
+    samples = _samples_beside(inputs.results_path, notes)
+    groups = build_panels(rows, samples, within_latency_limits=within_latency_limits)
+    if within_latency_limits:
+        notes.append("ranking and fronts use only the points within their profile's latency "
+                     "limits (built with --within-latency-limits)")
     batch_sizes = sorted({int(r.batch_size) for r in rows})
     default_batch = batch_sizes[0]
     measures = sorted({r.measure for r in rows})
@@ -706,10 +758,12 @@ def build_site_report(results_dir: str | Path, out_dir: str | Path) -> Site:
                 notes=notes, num_rows=len(rows), num_panels=sum(len(g.panels) for g in groups))
 
 
-def build_site(results_dir: str | Path, out_dir: str | Path) -> Path:
+def build_site(results_dir: str | Path, out_dir: str | Path, *,
+               within_latency_limits: bool = False) -> Path:
     """Build the leaderboard of the run (or results directory) ``results_dir`` into
     ``out_dir``; returns the path of ``index.html``."""
-    return build_site_report(results_dir, out_dir).index
+    return build_site_report(results_dir, out_dir,
+                             within_latency_limits=within_latency_limits).index
 
 
 __all__ = ["Site", "build_site", "build_site_report", "script_json", "linkify"]

@@ -187,6 +187,14 @@ class SandboxConfig(_Strict):
         return SandboxSettings(**self.model_dump())
 
 
+class UncertaintyConfig(_Strict):
+    """Bootstrap over examples behind every interval (:mod:`suite.uncertainty`); the seed is
+    the config's ``seed``."""
+
+    resamples: int = Field(default=1000, ge=2)
+    confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
+
+
 class SuiteConfig(_Strict):
     """A whole suite run."""
 
@@ -215,6 +223,7 @@ class SuiteConfig(_Strict):
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     online: OnlineConfig = Field(default_factory=OnlineConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    uncertainty: UncertaintyConfig = Field(default_factory=UncertaintyConfig)
     extra: dict[str, Any] = Field(default_factory=dict)
     """Free-form settings for later stages (training, replay); kept in the manifest."""
 
@@ -325,7 +334,8 @@ def _model_for(loc: tuple[Any, ...]) -> type[BaseModel]:
         annotation = {"tasks": TaskConfig, "models": ModelConfig, "ray": RayConfig,
                       "measures": MeasureConfig, "tokenizer": TokenizerConfig,
                       "train": TrainConfig, "analysis": AnalysisConfig,
-                      "online": OnlineConfig, "sandbox": SandboxConfig}.get(str(item))
+                      "online": OnlineConfig, "sandbox": SandboxConfig,
+                      "uncertainty": UncertaintyConfig}.get(str(item))
         if annotation is None:
             break
         model = annotation

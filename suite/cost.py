@@ -24,6 +24,7 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 
 from suite.errors import ExitbenchError
+from suite.latency import RequestLatency
 from suite.measures import CheckCost, ModelDims
 from suite.profiles import (
     BYTES_PER_PARAM,
@@ -515,6 +516,12 @@ class DecodeCost:
     """K/V of skipped layers: CALM's K/V fill, or the extra work of FREE's deferred passes."""
     prefill_seconds: np.ndarray
     num_tokens: int
+    step_seconds: np.ndarray | None = None
+    """``[K, G]`` seconds of each decoding step (every component but the prefill), for
+    per-request latency (:func:`request_latency`)."""
+    batch_prefill_seconds: np.ndarray | None = None
+    """``[batches]`` encoder prefill of each batch."""
+    schedule: StepSchedule | None = None
 
     @property
     def seconds(self) -> np.ndarray:
@@ -624,26 +631,33 @@ def decode_cost(costs: OperationCosts, dims: ModelDims, exit_layer, example_inde
         one_check = costs.measure_check(check_cost, active, measure_name)
         if check_cost.needs_lm_head:
             one_check = one_check + head_seconds
-        check = (checks_up_to[deepest] * one_check).sum(axis=1)
+        check_steps = checks_up_to[deepest] * one_check
         # the check at D already applied the LM head to layer D: no second one
         head_reused = made[deepest] & check_cost.needs_lm_head
     else:
-        check = zeros
+        check_steps = np.zeros(deepest.shape)
         head_reused = np.zeros(deepest.shape, bool)
-    head = np.where(head_reused, 0.0, head_seconds).sum(axis=1)
+    head_steps = np.where(head_reused, 0.0, head_seconds)
 
     if propagation == "calm":
-        propagated = ((num_layers - 1 - deepest) * costs.kv_fill(active)).sum(axis=1)
+        propagated_steps = (num_layers - 1 - deepest) * costs.kv_fill(active)
     elif propagation == "free":
-        propagated = _free_deferred_extra(costs, deepest, num_layers, schedule,
-                                          layer_seconds).sum(axis=1)
+        propagated_steps = _free_deferred_extra(costs, deepest, num_layers, schedule,
+                                                layer_seconds)
     else:
-        propagated = zeros
+        propagated_steps = np.zeros(deepest.shape)
+    layer_steps = (deepest + 1) * layer_seconds
+    fixed = costs.fixed_step()
     return DecodeCost(
-        fixed_seconds=np.full(num_thresholds, costs.fixed_step() * schedule.num_steps),
-        layer_seconds=((deepest + 1) * layer_seconds).sum(axis=1),
-        check_seconds=check, lm_head_seconds=head, propagation_seconds=propagated,
-        prefill_seconds=zeros + prefill, num_tokens=int(schedule.step_of_token.shape[0]))
+        fixed_seconds=np.full(num_thresholds, fixed * schedule.num_steps),
+        layer_seconds=layer_steps.sum(axis=1),
+        check_seconds=check_steps.sum(axis=1), lm_head_seconds=head_steps.sum(axis=1),
+        propagation_seconds=propagated_steps.sum(axis=1),
+        prefill_seconds=zeros + prefill, num_tokens=int(schedule.step_of_token.shape[0]),
+        step_seconds=fixed + layer_steps + check_steps + head_steps + propagated_steps,
+        batch_prefill_seconds=np.asarray(costs.encoder_prefill(
+            schedule.batch_rows, schedule.batch_source_len), np.float64),
+        schedule=schedule)
 
 
 def decode_seconds(costs: OperationCosts, dims: ModelDims, exit_layer, example_index, position,
@@ -658,6 +672,28 @@ def decode_seconds(costs: OperationCosts, dims: ModelDims, exit_layer, example_i
 
 
 NO_CHECK = CheckCost(flops=0.0, bytes=0.0, needs_lm_head=False)
+
+
+def request_latency(cost: DecodeCost, example_index) -> RequestLatency:
+    """Per-request TTFT and TPOT (:mod:`suite.latency`) of a priced decoding: each token is
+    emitted at the end of its step, counted from the start of its batch (the batch's prefill
+    plus its steps so far). ``example_index`` is the ``[T]`` array given to
+    :func:`decode_cost`."""
+    from suite.latency import from_emissions
+
+    schedule = cost.schedule
+    if cost.step_seconds is None or schedule is None:
+        raise CostModelError("this DecodeCost has no per-step seconds (no decoding steps)")
+    example_index = np.asarray(example_index, np.int64)
+    done = np.cumsum(cost.step_seconds, axis=1)  # [K, G]: steps 0..g, batches end to end
+    step = schedule.step_of_token
+    first = schedule.batch_first_step[step]  # the first step of each token's batch
+    before = np.where(first > 0, done[:, np.maximum(first - 1, 0)], 0.0)
+    batch_of_example = np.repeat(np.arange(len(schedule.batch_rows)), schedule.batch_rows)
+    prefill = cost.batch_prefill_seconds[batch_of_example[example_index]]
+    emitted = prefill + done[:, step] - before  # [K, T]
+    return from_emissions(example_index, step - first, emitted,
+                          int(np.sum(schedule.batch_rows)))
 
 
 def full_depth_seconds(costs: OperationCosts, dims: ModelDims, example_index, position,

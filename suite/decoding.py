@@ -20,6 +20,7 @@ where it never finishes; their later steps are not recorded. The EOS step is rec
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -134,8 +135,10 @@ def _run_all_layers(adapter: DecoderAdapter, state, input_ids: torch.Tensor) -> 
 
 @torch.inference_mode()
 def greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor, max_new_tokens: int) -> DecodeOutput:
-    """Greedy decoding through the layer loop, LM head at the last layer only."""
+                  attention_mask: torch.Tensor, max_new_tokens: int,
+                  step_clock: list[float] | None = None) -> DecodeOutput:
+    """Greedy decoding through the layer loop, LM head at the last layer only.
+    ``step_clock`` receives ``time.perf_counter()`` when each step's tokens are known."""
     check_max_new_tokens(max_new_tokens)
     state = adapter.start(input_ids, attention_mask)
     next_ids = state.first_input_ids
@@ -152,7 +155,10 @@ def greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
         lengths += alive
         alive &= token != adapter.eos_token_id
         next_ids = token[:, None]
-        if not bool(alive.any()):
+        any_alive = bool(alive.any())  # waits for the step's tokens
+        if step_clock is not None:
+            step_clock.append(time.perf_counter())
+        if not any_alive:
             break
     return DecodeOutput(token_ids=torch.stack(steps, 1).cpu().numpy(),
                         lengths=lengths.cpu().numpy())

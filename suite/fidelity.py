@@ -453,8 +453,37 @@ def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
                 extra={"model_dims": info.dims.__dict__, "device": config.device,
                        "measured_on": _machine(), "repeats": config.online.repeats,
                        "fidelity": {k2: v for k2, v in entry.items()
-                                    if k2 not in ("measure", "threshold", "batch_size")}}))
+                                    if k2 not in ("measure", "threshold", "batch_size")}},
+                **measured_latency(run, ctx.profile), **_online_interval(ctx, online_sequences)))
     return {"rows": [r.to_dict() for r in rows], "fidelity": entries}
+
+
+def _online_interval(ctx: OnlineContext, sequences: list[np.ndarray]) -> dict[str, Any]:
+    """Bootstrap interval of an online point's quality (issue 17)."""
+    from suite.point_stats import quality_interval_fields
+    from suite.runner import bootstrap_settings
+
+    texts = ctx.detokenize([list(map(int, s)) for s in cut_at_eos(sequences,
+                                                                  ctx.adapter.eos_token_id)])
+    return quality_interval_fields(ctx.task.metric, ctx.example_ids, texts, ctx.references,
+                                   bootstrap_settings(ctx.config))
+
+
+def measured_latency(run: OnlineRun, profile) -> dict[str, Any]:
+    """Row fields of the per-request TTFT / TPOT percentiles measured online (issue 17)."""
+    from suite.cost import example_index_from_ids
+    from suite.latency import from_emissions, meets_limits
+    from suite.results import finite_or_none
+
+    if run.emitted_at_seconds is None:
+        return {}
+    index = example_index_from_ids(run.traces.example_id)
+    percentiles = from_emissions(index, run.traces.position, run.emitted_at_seconds,
+                                 int(index.max(initial=-1)) + 1).percentiles()[0]
+    fields: dict[str, Any] = {k: finite_or_none(v) for k, v in percentiles.items()}
+    fields["meets_latency_limits"] = meets_limits(percentiles,
+                                                  getattr(profile, "latency_limits", None))
+    return fields
 
 
 def _agreement(online: list[np.ndarray], full: list[np.ndarray]) -> float:

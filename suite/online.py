@@ -186,8 +186,10 @@ def _exits(scores: np.ndarray, threshold: float) -> np.ndarray:
 @torch.inference_mode()
 def online_greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
                          attention_mask: torch.Tensor, example_ids: Sequence[str],
-                         max_new_tokens: int, policy: ExitPolicy) -> OnlineOutput:
-    """Greedy decoding of one batch that exits each token early by ``policy``."""
+                         max_new_tokens: int, policy: ExitPolicy,
+                         step_clock: list[float] | None = None) -> OnlineOutput:
+    """Greedy decoding of one batch that exits each token early by ``policy``.
+    ``step_clock`` receives ``time.perf_counter()`` when each step's tokens are known."""
     ids = check_example_ids(example_ids, input_ids.shape[0])
     check_max_new_tokens(max_new_tokens)
     num_layers = adapter.num_layers
@@ -256,7 +258,10 @@ def online_greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
         step_fields.append(scorer.snapshot())
         alive = alive & (token != adapter.eos_token_id)
         next_ids = token[:, None]
-        if not bool(alive.any()):
+        any_alive = bool(alive.any())  # waits for the step's tokens
+        if step_clock is not None:
+            step_clock.append(time.perf_counter())
+        if not any_alive:
             break
     return OnlineOutput(decoded=_decoded(steps, step_alive),
                         traces=_online_traces(ids, steps, step_exits, step_alive, step_fields),
@@ -294,6 +299,9 @@ class OnlineRun:
     """Emitted tokens; ``exit_layer`` is the last layer throughout for full-depth runs."""
     seconds: float
     """Wall-clock seconds of all batches (encoder, decoding, exits; no tokenisation)."""
+    emitted_at_seconds: np.ndarray | None = None
+    """``[T]`` wall-clock seconds from the start of each token's batch (encoder included) to
+    the end of the step that emitted it: per-request TTFT / TPOT (:mod:`suite.latency`)."""
 
     @property
     def num_tokens(self) -> int:
@@ -315,17 +323,20 @@ def _decode_batch(adapter: DecoderAdapter, sources: Sequence[Sequence[int]],
     """One batch, timed (``policy=None``: full depth)."""
     input_ids, attention_mask = pad_batch(sources, adapter.pad_token_id)
     _synchronise(adapter.device)
+    clock: list[float] = []
     started = time.perf_counter()
     if policy is None:
-        decoded = greedy_decode(adapter, input_ids, attention_mask, max_new_tokens)
+        decoded = greedy_decode(adapter, input_ids, attention_mask, max_new_tokens, clock)
     else:
         output = online_greedy_decode(adapter, input_ids, attention_mask, ids, max_new_tokens,
-                                      policy)
+                                      policy, clock)
     _synchronise(adapter.device)
     seconds = time.perf_counter() - started
     traces = (_full_depth_traces(decoded, ids, adapter.num_layers) if policy is None
               else output.traces)
-    return OnlineRun(traces=traces, seconds=seconds)
+    # every row emits its token at position p in step p: rows run in lockstep
+    emitted = (np.asarray(clock) - started)[traces.position]
+    return OnlineRun(traces=traces, seconds=seconds, emitted_at_seconds=emitted)
 
 
 def _batches(sources: Sequence[Sequence[int]], example_ids: Sequence[str], batch_size: int):
@@ -339,8 +350,11 @@ def _batches(sources: Sequence[Sequence[int]], example_ids: Sequence[str], batch
 
 
 def _joined(parts: list[OnlineRun]) -> OnlineRun:
+    emitted = [p.emitted_at_seconds for p in parts]
     return OnlineRun(traces=TraceArrays.concat([p.traces for p in parts]),
-                     seconds=sum(p.seconds for p in parts))
+                     seconds=sum(p.seconds for p in parts),
+                     emitted_at_seconds=(np.concatenate(emitted) if emitted and all(
+                         e is not None for e in emitted) else None))
 
 
 def decode_examples(adapter: DecoderAdapter, sources: Sequence[Sequence[int]],

@@ -39,14 +39,15 @@ def pareto_mask(speed: np.ndarray, quality: np.ndarray) -> np.ndarray:
 
 def best_quality_at_speedup(speedup: np.ndarray, quality: np.ndarray,
                             at: np.ndarray) -> np.ndarray:
-    """``q(s) = max{quality_i : speedup_i >= s}`` for each ``s`` in ``at`` (-inf if none)."""
+    """``q(s) = max{quality_i : speedup_i >= s}`` for each ``s`` in ``at`` (-inf if none).
+    ``quality`` may carry a trailing axis of replicates (``[K, B]`` -> ``[len(at), B]``)."""
     speedup = np.asarray(speedup, dtype=np.float64)
     quality = np.asarray(quality, dtype=np.float64)
     order = np.argsort(speedup)
     sorted_speedup = speedup[order]
-    suffix_best = np.maximum.accumulate(quality[order][::-1])[::-1]
+    suffix_best = np.maximum.accumulate(quality[order][::-1], axis=0)[::-1]
     index = np.searchsorted(sorted_speedup, np.asarray(at, dtype=np.float64), side="left")
-    padded = np.r_[suffix_best, -np.inf]
+    padded = np.concatenate([suffix_best, np.full((1,) + quality.shape[1:], -np.inf)])
     return padded[index]
 
 
@@ -61,19 +62,35 @@ def best_speedup_within(speedup: np.ndarray, quality: np.ndarray, full_depth_qua
 
 
 def area_over_baseline(speedup: np.ndarray, quality: np.ndarray, baseline_speedup: np.ndarray,
-                       baseline_quality: np.ndarray) -> float:
-    """Area between the measure's and the baseline's step fronts over speedups [1, s_max]."""
+                       baseline_quality: np.ndarray):
+    """Area between the measure's and the baseline's step fronts over speedups [1, s_max].
+    With a trailing replicate axis on both qualities (``[K, B]``, ``[K0, B]``) it returns the
+    ``[B]`` areas of the replicates (speedups are fixed)."""
     speedup = np.asarray(speedup, dtype=np.float64)
     baseline_speedup = np.asarray(baseline_speedup, dtype=np.float64)
+    replicates = np.asarray(quality).shape[1:]
     if speedup.size == 0 or baseline_speedup.size == 0:
-        return float("nan")
+        return np.full(replicates, np.nan) if replicates else float("nan")
     upper = min(speedup.max(), baseline_speedup.max())
     if upper <= 1.0:
-        return 0.0
+        return np.zeros(replicates) if replicates else 0.0
     points = np.unique(np.clip(np.r_[1.0, upper, speedup, baseline_speedup], 1.0, upper))
     # on each interval (a, b] both step functions are constant, equal to their value at b
     right = points[1:]
-    widths = np.diff(points)
+    widths = np.diff(points).reshape((-1,) + (1,) * len(replicates))
     difference = best_quality_at_speedup(speedup, quality, right) - \
         best_quality_at_speedup(baseline_speedup, baseline_quality, right)
-    return float(np.sum(widths * difference))
+    area = np.sum(widths * difference, axis=0)
+    return area if replicates else float(area)
+
+
+def best_speedup_replicates(speedup: np.ndarray, quality: np.ndarray,
+                            full_depth_quality: np.ndarray,
+                            max_relative_loss: float = 0.01) -> np.ndarray:
+    """:func:`best_speedup_within` of every replicate: ``quality [K, B]`` and
+    ``full_depth_quality [B]`` resampled together -> ``[B]`` (NaN where no point is within)."""
+    speedup = np.asarray(speedup, dtype=np.float64)
+    floor = full_depth_quality - max_relative_loss * np.abs(full_depth_quality)
+    ok = np.asarray(quality, np.float64) >= floor[None, :] - 1e-12
+    best = np.where(ok, speedup[:, None], -np.inf).max(axis=0, initial=-np.inf)
+    return np.where(np.isfinite(best), best, np.nan)

@@ -52,6 +52,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# -- latency limits (both kinds) ---------------------------------------------------------------
+class LatencyLimits(_Strict):
+    """MLPerf-style per-request latency limits a profile may declare: TTFT and TPOT (see
+    :mod:`suite.latency`) at a percentile over the task's requests. Points over a limit are
+    flagged in the results (``meets_latency_limits``) and the ranking can leave them out."""
+
+    percentile: Literal[50, 90, 99] = 99
+    ttft_seconds: PositiveFloat | None = None
+    """Time to first token (prefill plus the first step)."""
+    tpot_seconds: PositiveFloat | None = None
+    """Time per output token after the first."""
+    source: str = ""
+    """Where the limits come from (a benchmark's rules and URL, or ``assumption: ...``)."""
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> LatencyLimits:
+        if self.ttft_seconds is None and self.tpot_seconds is None:
+            raise ValueError("give ttft_seconds, tpot_seconds or both (or drop latency_limits)")
+        return self
+
+
 # -- simulated ---------------------------------------------------------------------------------
 SIMULATED_FIGURES: tuple[str, ...] = (
     "peak_flops_per_s", "memory_bandwidth_bytes_per_s", "memory_bytes", "kernel_launch_seconds",
@@ -89,6 +110,8 @@ class SimulatedProfile(_Strict):
     sources: dict[str, str | dict[str, str]]
     """Figure name -> where it comes from: a datasheet name and URL, or
     ``"assumption: <reasoning>"``. ``peak_flops_per_s`` may map each dtype to its own source."""
+    latency_limits: LatencyLimits | None = None
+    """Optional per-request TTFT / TPOT limits (MLPerf-style)."""
     path: str | None = None
     """The YAML file it was loaded from (set by the loader)."""
 
@@ -288,6 +311,8 @@ class MeasuredProfile(_Strict):
     model: MeasuredModel
     method: MeasuredMethod
     tables: MeasuredTables
+    latency_limits: LatencyLimits | None = None
+    """Optional per-request TTFT / TPOT limits (MLPerf-style)."""
     path: str | None = None
 
 

@@ -13,10 +13,16 @@ threshold ``k`` is the number of layers with ``reached[l] <= k``. That count is
 built by one scatter per layer and a cumulative sum over thresholds:
 O(tokens x (layers + thresholds)) work instead of tokens x layers x thresholds,
 and no Python loop per token or per threshold.
+
+Two engines compute the same arrays: the compiled kernels of :mod:`suite.replay_kernels`
+(numba; one pass per token, the default where numba imports) and the array path above
+(``engine="reference"``), which the tests compare the kernels with. The environment variable
+``EXITBENCH_REPLAY_ENGINE`` (``auto``, ``numba``, ``reference``) picks the default.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,7 +32,38 @@ import torch
 from suite.traces import TraceArrays, hash_strings
 
 TOKEN_CHUNK = 1 << 18
-"""Tokens per chunk, which bounds the [tokens, thresholds] scratch array (~26 MB at 100 thresholds)."""
+"""Tokens per chunk of the reference path, which bounds its [tokens, thresholds] scratch array
+(~26 MB at 100 thresholds)."""
+
+ENGINES = ("auto", "numba", "reference")
+
+
+def _kernels():
+    """:mod:`suite.replay_kernels`, or ``None`` where numba does not import."""
+    try:
+        from suite import replay_kernels
+    except ImportError:  # numba missing or broken: the reference path still works
+        return None
+    return replay_kernels
+
+
+def resolve_engine(engine: str | None = None) -> str:
+    """``numba`` or ``reference``: the engine :func:`replay` and :func:`exit_statistics` use
+    for ``engine`` (``None``: ``EXITBENCH_REPLAY_ENGINE``, default ``auto``)."""
+    from suite.errors import ExitbenchError
+
+    engine = engine or os.environ.get("EXITBENCH_REPLAY_ENGINE", "auto")
+    if engine not in ENGINES:
+        raise ExitbenchError(f"replay engine {engine!r} is not one of {', '.join(ENGINES)} "
+                             f"(check EXITBENCH_REPLAY_ENGINE)")
+    if engine == "reference":
+        return engine
+    if _kernels() is None:
+        if engine == "numba":
+            raise ExitbenchError("replay engine 'numba' asked for, but numba does not import; "
+                                 "install it (pip install numba) or use 'reference'")
+        return "reference"
+    return "numba"
 
 
 def _thresholds_as(thresholds: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -55,12 +92,13 @@ class Replay:
 
 
 def replay(scores: np.ndarray, thresholds: Sequence[float] | np.ndarray,
-           min_layer: int = 0) -> Replay:
+           min_layer: int = 0, *, engine: str | None = None) -> Replay:
     """Exit layer (0-based) of every token for every threshold.
 
     ``scores`` is ``[tokens, layers]``; NaN counts as "never exit here" (validation rejects
     measures that produce it). Thresholds may come in any order; rows of ``exits`` follow
     their order. ``exits`` is int8 when the model has at most 127 layers, else int16.
+    ``engine`` picks the implementation (see the module docstring); both give equal arrays.
     """
     scores = np.asarray(scores)
     if scores.ndim != 2:
@@ -70,6 +108,23 @@ def replay(scores: np.ndarray, thresholds: Sequence[float] | np.ndarray,
         raise ValueError(f"min_layer {min_layer} is outside 0..{num_layers - 1}")
     thresholds = np.asarray(thresholds, dtype=np.float64).reshape(-1)
     order = np.argsort(thresholds, kind="stable")
+    num_thresholds = len(thresholds)
+    if resolve_engine(engine) == "numba":
+        if not (np.issubdtype(scores.dtype, np.floating) and scores.dtype.itemsize >= 4):
+            scores = scores.astype(np.float64)
+        exits = np.empty((num_thresholds, num_tokens),
+                         dtype=np.int8 if num_layers <= 127 else np.int16)
+        reached = np.empty((num_tokens, num_layers - 1), dtype=np.int32)
+        _kernels().replay_kernel(np.ascontiguousarray(scores), thresholds[order],
+                                 order.astype(np.intp), int(min_layer), exits, reached)
+        return Replay(exits=exits, reached=reached, order=order)
+    return _replay_reference(scores, thresholds, order, min_layer)
+
+
+def _replay_reference(scores: np.ndarray, thresholds: np.ndarray, order: np.ndarray,
+                      min_layer: int) -> Replay:
+    """The array path (torch ops over chunks of tokens): the reference the kernel matches."""
+    num_tokens, num_layers = scores.shape
     num_thresholds = len(thresholds)
     float_dtype = torch.float64 if scores.dtype == np.float64 else torch.float32
     boundaries = _thresholds_as(thresholds[order], float_dtype)
@@ -85,6 +140,7 @@ def replay(scores: np.ndarray, thresholds: Sequence[float] | np.ndarray,
         chunk[:, :min_layer] = -float("inf")
         # thresholds reached by each layer's score, then by the running max over layers
         reached = torch.cummax(torch.bucketize(chunk, boundaries, right=True), dim=1).values
+        reached[:, :min_layer] = 0  # no exit before min_layer, even for a threshold of -inf
         width = chunk.shape[0]
         reached_all[start:start + width] = reached.numpy()
         counts = torch.zeros((width, num_thresholds + 1), dtype=layer_dtype)
@@ -100,9 +156,9 @@ def replay(scores: np.ndarray, thresholds: Sequence[float] | np.ndarray,
 
 
 def exit_layers(scores: np.ndarray, thresholds: Sequence[float] | np.ndarray,
-                min_layer: int = 0) -> np.ndarray:
+                min_layer: int = 0, *, engine: str | None = None) -> np.ndarray:
     """``[thresholds, tokens]`` exit layers; see :func:`replay`."""
-    return replay(scores, thresholds, min_layer).exits
+    return replay(scores, thresholds, min_layer, engine=engine).exits
 
 
 def replayed_tokens(traces: TraceArrays, exits: np.ndarray) -> np.ndarray:
@@ -124,13 +180,23 @@ class ExitStatistics:
     """``[K]`` fraction of tokens whose replayed prediction equals the full-depth token."""
 
 
-def exit_statistics(traces: TraceArrays, result: Replay) -> ExitStatistics:
+def exit_statistics(traces: TraceArrays, result: Replay, *,
+                    engine: str | None = None) -> ExitStatistics:
     """Exit histogram, mean layers used and token agreement for every threshold, in
     O(tokens x layers): token ``t`` exits at layer ``l`` for the sorted thresholds
     ``k`` in ``[reached[l-1], reached[l])``, so each (token, layer) adds a +1/-1 pair to a
     difference array over thresholds, summed by one cumulative sum."""
     num_tokens, num_layers = traces.num_tokens, traces.num_layers
     num_thresholds = len(result.order)
+    if resolve_engine(engine) == "numba":
+        import numba
+
+        counts, agreeing = _kernels().statistics_kernel(
+            np.ascontiguousarray(result.reached), np.ascontiguousarray(traces.top1_id),
+            np.ascontiguousarray(traces.final_id), num_thresholds,
+            max(1, min(numba.get_num_threads(), num_tokens)))
+        return _statistics(counts.T.astype(np.float64), agreeing.T.astype(np.float64),
+                           result.order, num_tokens, num_layers)
     width = num_thresholds + 1
     counts = np.zeros((num_layers, width))
     agreeing = np.zeros((num_layers, width))
@@ -150,11 +216,18 @@ def exit_statistics(traces: TraceArrays, result: Replay) -> ExitStatistics:
             lower = upper
     counts = np.cumsum(counts, axis=1)[:, :num_thresholds].T  # [K sorted, L]
     agreeing = np.cumsum(agreeing, axis=1)[:, :num_thresholds].T
+    return _statistics(counts, agreeing, result.order, num_tokens, num_layers)
+
+
+def _statistics(counts: np.ndarray, agreeing: np.ndarray, order: np.ndarray, num_tokens: int,
+                num_layers: int) -> ExitStatistics:
+    """Statistics from ``[K sorted, L]`` tokens exiting / agreeing per layer."""
+    num_thresholds = len(order)
     total = max(num_tokens, 1)
     histogram = np.empty((num_thresholds, num_layers))
-    histogram[result.order] = counts / total
+    histogram[order] = counts / total
     agreement = np.empty(num_thresholds)
-    agreement[result.order] = agreeing.sum(axis=1) / total
+    agreement[order] = agreeing.sum(axis=1) / total
     mean_used = histogram @ (np.arange(num_layers) + 1.0)
     return ExitStatistics(mean_layers_used=mean_used, exit_histogram=histogram,
                           token_agreement=agreement)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -74,9 +75,40 @@ class ResultRow:
     """SHA-256 of the measure's source file."""
     split: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # -- uncertainty (issue 17; rows written before it load with these defaults) --------------
+    quality_stderr: float | None = None
+    """Bootstrap standard error of ``quality`` (resampling examples)."""
+    quality_ci_low: float | None = None
+    quality_ci_high: float | None = None
+    """Confidence interval of ``quality`` at ``confidence_level``, by the metric library's own
+    bootstrap rule (``interval_method``)."""
+    confidence_level: float | None = None
+    bootstrap_resamples: int = 0
+    """Resamples behind the interval (0: none computed)."""
+    bootstrap_seed: int = 0
+    interval_method: str = ""
+    # -- per-request latency (seconds; None where unknown) -------------------------------------
+    ttft_p50_seconds: float | None = None
+    """Time to first token (prefill + first step) over the requests, 50th percentile."""
+    ttft_p90_seconds: float | None = None
+    ttft_p99_seconds: float | None = None
+    tpot_p50_seconds: float | None = None
+    """Time per output token after the first, 50th percentile over the requests."""
+    tpot_p90_seconds: float | None = None
+    tpot_p99_seconds: float | None = None
+    meets_latency_limits: bool | None = None
+    """Within the profile's ``latency_limits`` (``None``: the profile declares none)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def finite_or_none(value: Any) -> float | None:
+    """``value`` as a float, ``None`` when it is missing or not finite (JSON has no NaN)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def rows_to_frame(rows: list[ResultRow]) -> pd.DataFrame:

@@ -349,6 +349,7 @@ def part_key(config: SuiteConfig, task: TaskConfig, model: ModelConfig,
         "profiles": profiles,
         "batch_sizes": config.batch_sizes, "dtype": config.dtype, "seed": config.seed,
         "task": task.model_dump(mode="json"), "suite": __version__,
+        "uncertainty": config.uncertainty.model_dump(mode="json"),
     }
     return content_key(payload)
 
@@ -356,6 +357,31 @@ def part_key(config: SuiteConfig, task: TaskConfig, model: ModelConfig,
 def _part_path(output_dir: str | Path, task: str, model: str, measure: str) -> Path:
     return (Path(output_dir) / "results" / "parts" / file_stem(task) / file_stem(model)
             / f"{file_stem(measure)}.json")
+
+
+def samples_part_path(part_path: Path, measure: str) -> Path:
+    """The per-point samples Parquet stored beside a measure's part (``docs/results.md``)."""
+    return part_path.parent / "samples" / f"{file_stem(measure)}.parquet"
+
+
+def bootstrap_settings(config: SuiteConfig):
+    from suite.uncertainty import BootstrapSettings
+
+    return BootstrapSettings(resamples=config.uncertainty.resamples, seed=config.seed,
+                             confidence=config.uncertainty.confidence)
+
+
+def stored_part(config: SuiteConfig, task: TaskConfig, model: ModelConfig,
+                measure: MeasureConfig) -> dict | None:
+    """The stored part of ``measure`` on (task, model) when it is current: its key matches
+    what the rows depend on now, and rows come with their samples file."""
+    path = _part_path(config.output_dir, task.name, model.name, measure.display_name)
+    part = read_part(path)
+    if part is None or part.get("key") != part_key(config, task, model, measure):
+        return None
+    if "rows" in part and not samples_part_path(path, measure.display_name).is_file():
+        return None
+    return part
 
 
 def read_part(path: Path) -> dict | None:
@@ -388,6 +414,7 @@ class GroupReplayer:
         self.cache = ScoreCache()
         self.cache.entries.update(cache_entries)
         self._sent = set(cache_entries)
+        self._full_depth_sent = False
         self._sweep = None
         self._error: BaseException | None = None
 
@@ -410,14 +437,16 @@ class GroupReplayer:
                 self._sweep = Sweep(inputs, config.profiles, config.batch_sizes,
                                     score_cache=self.cache,
                                     fit_cache_dir=Path(config.output_dir) / "measures",
-                                    seed=config.seed)
+                                    seed=config.seed, bootstrap=bootstrap_settings(config))
             except BaseException as exc:
                 self._error = exc
                 raise
         return self._sweep
 
     def measure(self, measure: MeasureConfig) -> dict:
-        """``{"rows", "report", "cache"}``, or ``{"failed", "deterministic", "cache"}``."""
+        """``{"rows", "report", "samples", "cache"}``, or ``{"failed", "deterministic",
+        "cache"}``; ``samples`` holds the measure's per-point samples and, the first time,
+        the full depth's (key ``""``)."""
         from suite.errors import MeasureFailedError
 
         context = self._context()
@@ -429,6 +458,10 @@ class GroupReplayer:
                 "seconds": time.perf_counter() - started,
                 "outputs_scored": context.outputs_scored - scored,
                 "outputs_from_cache": context.outputs_from_cache - cached}}
+            samples = context.points.samples
+            out["samples"] = {k: samples[k] for k in (measure.display_name, "")
+                              if k in samples and (k or not self._full_depth_sent)}
+            self._full_depth_sent = True
         except MeasureFailedError as exc:
             out = {"failed": str(exc), "deterministic": exc.deterministic}
         fresh = {k: v for k, v in self.cache.entries.items() if k not in self._sent}
@@ -466,8 +499,8 @@ def run_replay_stage(config: SuiteConfig, *, progress: bool = True,
             for measure in config.measures:
                 path = _part_path(config.output_dir, task.name, model.name, measure.display_name)
                 key = part_key(config, task, model, measure)
-                old = read_part(path)
-                if old is not None and old.get("key") == key:
+                old = stored_part(config, task, model, measure)
+                if old is not None:
                     report.skipped += 1
                     if "failed" in old:
                         report.failed += 1
@@ -499,6 +532,10 @@ def run_replay_stage(config: SuiteConfig, *, progress: bool = True,
                 atomic_write_json(item.path, {"key": item.key, "failed": out["failed"],
                                               "measure": name})
         else:
+            from suite.aggregated import write_samples_part
+
+            # samples first: a part whose JSON exists is complete
+            write_samples_part(item.path, name, out.get("samples") or {})
             atomic_write_json(item.path, {"key": item.key, "rows": out["rows"],
                                           "report": out["report"]})
             for total in totals:
@@ -599,11 +636,9 @@ def collect_results(config: SuiteConfig) -> list:
     for task in config.tasks:
         for model in config.models:
             for measure in config.measures:
-                part = read_part(_part_path(config.output_dir, task.name, model.name,
-                                            measure.display_name))
+                part = stored_part(config, task, model, measure)
                 # a failure, or rows of other inputs (stale): the stage report says why
-                if part is None or "rows" not in part or \
-                        part.get("key") != part_key(config, task, model, measure):
+                if part is None or "rows" not in part:
                     continue
                 for row in part["rows"]:
                     rows.append(ResultRow(**{k: v for k, v in row.items() if k in names}))
@@ -652,9 +687,8 @@ def measure_statuses(config: SuiteConfig) -> dict[str, dict[str, Any]]:
             entry["failures"].append({"task": None, "model": None, "reason": reason})
         for task in config.tasks:
             for model in config.models:
-                part = read_part(_part_path(config.output_dir, task.name, model.name, name))
-                if part is not None and "failed" in part and \
-                        part.get("key") == part_key(config, task, model, measure):
+                part = stored_part(config, task, model, measure)
+                if part is not None and "failed" in part:
                     entry["status"] = "failed"
                     entry["failures"].append({"task": task.name, "model": model.name,
                                               "reason": part["failed"]})
@@ -696,6 +730,7 @@ def publish_results(config: SuiteConfig) -> int:
     """Write ``results/`` (Parquet, JSON, fronts) from every stored part of the config's
     measures and the run's stored submissions; return the rows. The measures' statuses
     (failures included) go into the results' metadata. Call under the run's lock."""
+    from suite.aggregated import publish_aggregated
     from suite.fronts import fronts_summary
     from suite.results import write_results
 
@@ -704,7 +739,9 @@ def publish_results(config: SuiteConfig) -> int:
     results_dir = Path(config.output_dir) / "results"
     write_results(results_dir, rows, {"run": config.name, "versions": versions(),
                                       "measures": measure_statuses(config)})
-    atomic_write_json(results_dir / "fronts.json", fronts_summary(rows))
+    # samples.parquet, intervals of the fronts, aggregated.json (harness style)
+    samples = publish_aggregated(config, rows, results_dir)
+    atomic_write_json(results_dir / "fronts.json", fronts_summary(rows, samples))
     return len(rows)
 
 

@@ -44,6 +44,7 @@ from suite.replay import (
 from suite.results import ResultRow
 from suite.tasks import TaskSpec, load_examples
 from suite.traces import TraceArrays, TraceStore, sha256_file
+from suite.uncertainty import BootstrapSettings
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,9 @@ class SweepReport:
     outputs_scored: int
     outputs_from_cache: int
     per_measure_seconds: dict[str, float]
+    samples: dict[str, dict[str, list]] = field(default_factory=dict)
+    """Measure -> its per-point samples (:func:`suite.samples.sample_records` columns);
+    ``""`` -> the full-depth output's."""
 
 
 def instantiate(config: MeasureConfig) -> Measure:
@@ -225,8 +229,9 @@ class Sweep:
 
     def __init__(self, inputs: SweepInputs, profiles: Sequence[str], batch_sizes: Sequence[int],
                  *, score_cache: ScoreCache | None = None, fit_cache_dir: Path | None = None,
-                 seed: int = 0):
+                 seed: int = 0, bootstrap: BootstrapSettings | None = None):
         from suite.models import load_tokenizer
+        from suite.point_stats import PointStatistics
 
         started = time.perf_counter()
         self.inputs = inputs
@@ -265,6 +270,11 @@ class Sweep:
         self.metric = get_metric(inputs.task.metric)
         self.metric_key = f"{inputs.task.name}|{inputs.task.metric}|{len(example_ids)}"
         self.full = self.quality_of(traces.final_id)
+        # per-example samples, quality intervals and per-request latency of each point
+        self.points = PointStatistics(traces, example_ids, self.references, inputs.task,
+                                      inputs.model.name, self.detokenize, info.eos_token_id,
+                                      self.cache, bootstrap or BootstrapSettings(seed=seed))
+        self.points.add_full_depth()
         self.example_index = example_index_from_ids(traces.example_id)
         self.profiles = [get_profile(name) for name in profiles]
         self.costs = {p.name: operation_costs(p, info.dims, inputs.dtype, info.gated_ffn,
@@ -320,6 +330,7 @@ class Sweep:
         tokens = replayed_tokens(traces, exits)
         stats = exit_statistics(traces, replayed)
         qualities = [self.quality_of(tokens[k]) for k in range(len(thresholds))]
+        intervals = self.points.add_measure(name, config.min_layer, thresholds, tokens, exits)
         measure_hash = code_hash(type(measure))
         options_json = json.dumps(config.options, sort_keys=True)
         primary = self.full["primary"]
@@ -331,6 +342,7 @@ class Sweep:
                                       batch_size, check_cost, checked, config.min_layer,
                                       measure.propagation, measure_name=config.name)
                 full_tokens_per_s = traces.num_tokens / priced.full_depth_seconds
+                latency = self.points.latency(priced, self.example_index, profile)
                 estimate = {}
                 if config.name in getattr(self.costs[profile.name], "estimated_checks", ()):
                     estimate = {"cost_estimated": ESTIMATED_CHECK_NOTE}
@@ -356,18 +368,20 @@ class Sweep:
                         measure_code_hash=measure_hash,
                         extra={"model_dims": info.dims.__dict__,
                                "signature": qualities[k].get("signature"),
-                               **estimate}))
+                               **estimate},
+                        **intervals[k], **latency[k]))
         return rows
 
 
 def sweep(inputs: SweepInputs, measures: Sequence[MeasureConfig], profiles: Sequence[str],
           batch_sizes: Sequence[int], *, score_cache: ScoreCache | None = None,
-          fit_cache_dir: Path | None = None, seed: int = 0) -> SweepReport:
+          fit_cache_dir: Path | None = None, seed: int = 0,
+          bootstrap: BootstrapSettings | None = None) -> SweepReport:
     """Replay, score and price every measure on one (task, model)'s traces (all or nothing:
     a failing measure raises; the runner uses :class:`Sweep` to keep the others)."""
     started = time.perf_counter()
     context = Sweep(inputs, profiles, batch_sizes, score_cache=score_cache,
-                    fit_cache_dir=fit_cache_dir, seed=seed)
+                    fit_cache_dir=fit_cache_dir, seed=seed, bootstrap=bootstrap)
     rows: list[ResultRow] = []
     per_measure: dict[str, float] = {}
     for config in measures:
@@ -377,4 +391,4 @@ def sweep(inputs: SweepInputs, measures: Sequence[MeasureConfig], profiles: Sequ
     return SweepReport(rows=rows, seconds=time.perf_counter() - started,
                        outputs_scored=context.outputs_scored,
                        outputs_from_cache=context.outputs_from_cache,
-                       per_measure_seconds=per_measure)
+                       per_measure_seconds=per_measure, samples=context.points.samples)

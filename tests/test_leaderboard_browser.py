@@ -177,10 +177,10 @@ def test_leaderboard_in_headless_chromium(served, browser, tmp_path):
     assert by_name == sorted(initial, key=str.lower) and by_name != initial
     headers[0].click()  # again: Z to A
     assert _column(browser, table, 0) == sorted(initial, key=str.lower, reverse=True)
-    headers[6].click()  # Points: most first
-    points = [int(v) for v in _column(browser, table, 6)]
+    headers[7].click()  # Points: most first
+    points = [int(v) for v in _column(browser, table, 7)]
     assert points == sorted(points, reverse=True)
-    assert table.find_element(By.CSS_SELECTOR, "thead th:nth-child(7)") \
+    assert table.find_element(By.CSS_SELECTOR, "thead th:nth-child(8)") \
         .get_attribute("aria-sort") == "descending"
 
     # the hostile measure name is text, visible, and ran nothing

@@ -131,3 +131,43 @@ def test_statistics_equal_direct_computation_on_random_traces():
         assert np.allclose(stats.exit_histogram[k], histogram)
         assert stats.mean_layers_used[k] == pytest.approx(exits[k].mean() + 1)
         assert stats.token_agreement[k] == pytest.approx(np.mean(tokens[k] == traces.final_id))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("min_layer", [0, 3])
+def test_numba_kernels_equal_the_reference_path(dtype, min_layer):
+    rng = np.random.default_rng(min_layer + (dtype == np.float32))
+    num_tokens, num_layers = 5000, 9
+    scores = rng.random((num_tokens, num_layers)).astype(dtype)
+    scores[rng.random(scores.shape) < 0.05] = np.nan
+    scores[rng.random(scores.shape) < 0.05] = -np.inf
+    scores[:200] = np.round(scores[:200], 1)  # ties with thresholds
+    thresholds = rng.permutation(np.r_[np.linspace(0, 1, 41), [-np.inf, 0.35, 2.0, -1.0]])
+    fast = replay(scores, thresholds, min_layer, engine="numba")
+    slow = replay(scores, thresholds, min_layer, engine="reference")
+    assert fast.exits.dtype == slow.exits.dtype
+    assert np.array_equal(fast.exits, slow.exits)
+    assert np.array_equal(fast.reached, slow.reached)
+    assert np.array_equal(fast.order, slow.order)
+    assert np.array_equal(fast.exits, loop_exit_layers(np.nan_to_num(scores, nan=-np.inf),
+                                                        thresholds, min_layer))
+    top1 = rng.integers(0, 4, (num_tokens, num_layers)).astype(np.int32)
+    zeros = np.zeros(top1.shape, np.float32)
+    traces = TraceArrays(example_id=np.array(["e"] * num_tokens, dtype=object),
+                         position=np.arange(num_tokens, dtype=np.int32), final_id=top1[:, -1],
+                         gold_id=-np.ones(num_tokens, np.int32), top1_id=top1, top1_prob=zeros,
+                         top2_prob=zeros, cos_prev=zeros, cos_last=zeros, final_prob=zeros)
+    a = exit_statistics(traces, fast, engine="numba")
+    b = exit_statistics(traces, slow, engine="reference")
+    assert np.allclose(a.exit_histogram, b.exit_histogram)
+    assert np.allclose(a.token_agreement, b.token_agreement)
+    assert np.allclose(a.mean_layers_used, b.mean_layers_used)
+
+
+def test_unknown_engine_is_a_clear_error(monkeypatch):
+    from suite.errors import ExitbenchError
+
+    with pytest.raises(ExitbenchError, match="replay engine 'fast'"):
+        replay(np.zeros((2, 3)), [0.5], engine="fast")
+    monkeypatch.setenv("EXITBENCH_REPLAY_ENGINE", "reference")
+    assert replay(np.zeros((2, 3)), [0.5]).exits.tolist() == [[2, 2]]

@@ -19,6 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--out", required=True, metavar="SITE",
                        help="folder to write the site to (replaced when it holds a site built "
                             "earlier; any other non-empty folder is refused)")
+    build.add_argument("--within-latency-limits", action="store_true",
+                       help="rank only the points within their profile's latency_limits "
+                            "(MLPerf-style TTFT / TPOT percentiles)")
     serve = actions.add_parser("serve", help="serve a built site on 127.0.0.1")
     serve.add_argument("--site", required=True, metavar="SITE", help="folder of a built site")
     serve.add_argument("--port", type=int, default=8000,
@@ -31,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from leaderboard.site import build_site_report
 
     if args.leaderboard_action == "build":
-        site = build_site_report(args.results, args.out)
+        site = build_site_report(args.results, args.out,
+                                 within_latency_limits=args.within_latency_limits)
         print(f"leaderboard  {site.index.resolve()}")
         print(f"  {site.num_rows} result rows, {site.num_panels} panels (task x model x "
               f"profile x batch size), {len(site.pages)} pages")
