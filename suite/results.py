@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from suite.atomic import atomic_write_bytes, atomic_write_json
+from suite.atomic import atomic_write_bytes
 
 RESULT_SCHEMA_VERSION = 1
 
@@ -121,16 +121,24 @@ def rows_to_frame(rows: list[ResultRow]) -> pd.DataFrame:
 
 
 def write_results(directory: str | Path, rows: list[ResultRow],
-                  metadata: dict[str, Any] | None = None) -> None:
-    """Write ``results.parquet`` and ``results.json`` atomically."""
+                  metadata: dict[str, Any] | None = None) -> bool:
+    """Write ``results.parquet`` and ``results.json`` atomically; returns False (and writes
+    nothing) when ``results.json`` already holds exactly these rows and metadata, so a rerun
+    that changed nothing leaves the results files as they were."""
     directory = Path(directory)
+    text = json.dumps({"schema_version": RESULT_SCHEMA_VERSION, "metadata": metadata or {},
+                       "rows": [row.to_dict() for row in rows]},
+                      indent=2, sort_keys=True, default=str) + "\n"
+    current = directory / "results.json"
+    if current.is_file() and (directory / "results.parquet").is_file() \
+            and current.read_bytes() == text.encode("utf-8"):
+        return False
     frame = rows_to_frame(rows)
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     atomic_write_bytes(directory / "results.parquet", buffer.getvalue())
-    atomic_write_json(directory / "results.json", {
-        "schema_version": RESULT_SCHEMA_VERSION, "metadata": metadata or {},
-        "rows": [row.to_dict() for row in rows]})
+    atomic_write_bytes(current, text.encode("utf-8"))
+    return True
 
 
 def read_results(path: str | Path) -> list[ResultRow]:

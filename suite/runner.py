@@ -737,8 +737,11 @@ def publish_results(config: SuiteConfig) -> int:
     config = with_submissions(config)
     rows = collect_results(config)
     results_dir = Path(config.output_dir) / "results"
-    write_results(results_dir, rows, {"run": config.name, "versions": versions(),
-                                      "measures": measure_statuses(config)})
+    changed = write_results(results_dir, rows, {"run": config.name, "versions": versions(),
+                                                "measures": measure_statuses(config)})
+    if not changed and (results_dir / "aggregated.json").is_file() \
+            and (results_dir / "fronts.json").is_file():
+        return len(rows)  # nothing changed: every results file stays as it was
     # samples.parquet, intervals of the fronts, aggregated.json (harness style)
     samples = publish_aggregated(config, rows, results_dir)
     atomic_write_json(results_dir / "fronts.json", fronts_summary(rows, samples))
