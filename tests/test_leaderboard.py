@@ -413,3 +413,42 @@ def test_escaping_helpers():
     assert slugs["index"] != "index"
     assert re.fullmatch(r"script_alert_1___script-[0-9a-f]{10}", slugs[HOSTILE])
     assert [nice_step(s) for s in (1.0, 7.0, 120.0, 0.03)] == [0.2, 2.0, 25.0, 0.01]
+
+
+# -- the site tells the truth --------------------------------------------------------------
+RLO_LABEL = "rlo\u202eevil label"
+
+
+def test_an_unclosed_right_to_left_override_is_isolated_on_every_page(tmp_path):
+    """A label holding U+202E (and no closing PDF) is wrapped in <bdi> wherever it is text,
+    so it cannot reorder the page's own text after it."""
+    import dataclasses
+
+    from suite.results import read_results, write_results
+
+    run = make_run(tmp_path)
+    rows = [dataclasses.replace(r, measure=RLO_LABEL) if r.measure == HOSTILE else r
+            for r in read_results(run / "results")]
+    write_results(run / "results", rows, {})
+    site = build_site(run, tmp_path / "site")
+    pages = list(site.parent.rglob("*.html"))
+    seen = 0
+    for page in pages:
+        text = page.read_text("utf-8")
+        seen += text.count("\u202e")
+        outside = re.sub(r"<bdi>.*?</bdi>", "", text, flags=re.S)
+        outside = re.sub(r"<script\b.*?</script>", "", outside, flags=re.S)  # JSON data
+        outside = re.sub(r"<[^>]*>", "", outside)  # attribute values are not page text
+        assert "\u202e" not in outside, page
+    assert seen > 0
+    css = (site.parent / "static" / "style.css").read_text()
+    assert "unicode-bidi: isolate" in css
+
+
+def test_quality_and_throughput_axes_never_go_below_zero():
+    from leaderboard.plot import _domain
+
+    low, high = _domain([0.3, 40.0, 12.0], floor=0.0)
+    assert low == 0.0 and high > 40.0
+    assert _domain([0.2, 0.2], floor=0.0)[0] == 0.0  # padding of a flat series stops at 0
+    assert _domain([-2.0, 3.0], floor=0.0)[0] < -2.0  # a negative value is still shown

@@ -244,3 +244,51 @@ def test_leaderboard_in_headless_chromium(served, browser, tmp_path):
     elapsed = time.monotonic() - started
     print(f"browser checks: {len(visited)} pages, {len(status)} local URLs, "
           f"{len(external)} external links not fetched, {elapsed:.1f} s")
+
+
+@pytest.fixture(scope="module")
+def real_site(tmp_path_factory, random_backbone, samples_dir):
+    """A site built by the real runner over a real run, with a measure submitted through the
+    CLI (validated by the real validator in the sandbox)."""
+    import submitted_measures as sm
+    from run_fixtures import write_config
+
+    from suite.cli import main
+    from suite.sandbox import SandboxSettings, sandbox_problem
+
+    if sandbox_problem(SandboxSettings()) is not None:
+        pytest.fail("bubblewrap is missing: scripts/setup.sh installs it", pytrace=False)
+    root = tmp_path_factory.mktemp("real-site")
+    config = write_config(root, random_backbone, samples_dir)
+    assert main(["run", "--config", str(config), "--no-progress"]) == 0
+    measure = root / "squared_top1.py"
+    measure.write_text(sm.GOOD)
+    assert main(["submit", str(measure), "--config", str(config)]) == 0
+    return root / "run" / "site"
+
+
+def test_a_real_run_with_a_submission_in_chromium(real_site, browser):
+    """Every page of the real site loads without console errors; the submitted measure's
+    validation table shows every check the validator ran as passed (or skipped), none FAIL."""
+    from selenium.webdriver.common.by import By
+
+    page = (real_site / "measures" / "squared_top1.html").as_uri()
+    browser.get(page)
+    assert _console_errors(browser) == []
+    table = browser.find_element(By.CSS_SELECTOR, "table.checks")
+    cells = browser.execute_script(
+        "return Array.from(arguments[0].tBodies[0].rows).map(r => [r.cells[0].textContent, "
+        "r.cells[1].textContent, r.cells[1].className]);", table)
+    names = [name for name, _, _ in cells]
+    assert names == ["api", "fit", "shape", "finite", "read-only", "declared-reads",
+                     "determinism", "causality", "causality-tokens", "thresholds", "cost"]
+    assert all(result in ("pass", "skipped") for _, result, _ in cells), cells
+    assert [c for c in cells if c[1] == "pass"] and all(
+        css == ("passed" if result == "pass" else "skipped") for _, result, css in cells)
+    assert "Passed" in browser.find_element(By.CSS_SELECTOR, "section p.passed").text
+    # the site's other pages render too, the overview among them
+    for relative in ("index.html", "overview.html", "measures/index.html", "provenance.html"):
+        browser.get((real_site / relative).as_uri())
+        assert _console_errors(browser) == [], relative
+        _assert_no_script_ran(browser, relative)
+    assert browser.find_elements(By.LINK_TEXT, "squared_top1")
