@@ -35,9 +35,11 @@ TORCH_SPEC="${EXITBENCH_TORCH:-torch==2.13.0}"
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install -q --upgrade pip
+# -qq: pip's errors only (a machine's pip config can add a warning per package for index
+# locations it lacks, which says nothing about this project)
+"$VENV/bin/python" -m pip install -qq --upgrade pip
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-    "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
+    "$VENV/bin/python" -m pip install -qq "$TORCH_SPEC"
 fi
-"$VENV/bin/python" -m pip install -q -e ".[test]"
+"$VENV/bin/python" -m pip install -qq -e ".[test]"
 echo "exitbench installed in $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
