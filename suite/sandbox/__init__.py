@@ -245,14 +245,19 @@ def sandbox_command(session_dir: Path, settings: SandboxSettings) -> list[str]:
         return worker
     inputs, scratch = session_dir / "in", session_dir / "scratch"
     command = [bwrap_path() or "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc",
-               "/proc", "--tmpfs", "/tmp", "--unshare-all", "--die-with-parent",
-               "--new-session", "--cap-drop", "ALL"]
+               "/proc", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop",
+               "ALL"]
+    # /tmp and the home folder are hidden behind empty tmpfs; what the worker needs to run
+    # (Python, its packages, the suite) is mounted back read-only where it lies inside them
+    hidden = ["/tmp"]
     home = os.path.realpath(os.path.expanduser("~"))
-    if home not in ("/", "") and os.path.isdir(home):
-        command += ["--tmpfs", home]
-        for root in _python_roots():
-            if root == home or root.startswith(home + os.sep):
-                command += ["--ro-bind", root, root]
+    if home not in ("/", "", "/tmp") and os.path.isdir(home) and not home.startswith("/tmp/"):
+        hidden.append(home)
+    for folder in hidden:
+        command += ["--tmpfs", folder]
+    for root in _python_roots():
+        if any(root.startswith(folder + os.sep) for folder in hidden):
+            command += ["--ro-bind", root, root]
     command += ["--ro-bind", str(inputs), str(inputs), "--bind", str(scratch), str(scratch),
                 "--chdir", str(scratch), "--clearenv"]
     for key, value in _environment(scratch, settings).items():
