@@ -180,4 +180,19 @@ MEASURES: Registry[type[Measure]] = Registry("measure", "exitbench.measures",
 
 
 def get_measure(name: str) -> type[Measure]:
-    return MEASURES.get(name)
+    """A measure class by name: a stored submission of the run this process works on
+    (sandboxed; :mod:`suite.submissions`), else a built-in or plugin from the registry."""
+    from suite.submissions import submission_class
+
+    return submission_class(name) or MEASURES.get(name)
+
+
+def measure_source(name: str) -> str:
+    """Where :func:`get_measure`'s class comes from: ``submission:<path>``, ``builtin`` or
+    ``plugin:<dist>``."""
+    from suite.submissions import registered_submission
+
+    submission = registered_submission(name)
+    if submission is not None:
+        return f"submission:{submission.source_path}"
+    return MEASURES.source(name)

@@ -663,7 +663,7 @@ def measure_statuses(config: SuiteConfig) -> dict[str, dict[str, Any]]:
     reason per task and model) or was left out (failed validation). Written into the
     results' metadata, so the leaderboard shows failures and submissions without importing
     any measure's code."""
-    from suite.measures import MEASURES
+    from suite.measures import get_measure, measure_source
     from suite.submissions import registered_submission
 
     statuses: dict[str, dict[str, Any]] = {}
@@ -671,7 +671,7 @@ def measure_statuses(config: SuiteConfig) -> dict[str, dict[str, Any]]:
         name = measure.display_name
         submission = registered_submission(measure.name)
         entry: dict[str, Any] = {"name": measure.name, "options": measure.options,
-                                 "source": MEASURES.source(measure.name), "status": "ok",
+                                 "source": measure_source(measure.name), "status": "ok",
                                  "failures": [], "submission": None}
         if submission is not None:
             entry["submission"] = {k: v for k, v in submission.to_dict().items()
@@ -679,8 +679,7 @@ def measure_statuses(config: SuiteConfig) -> dict[str, dict[str, Any]]:
             entry.update({k: submission.declared.get(k) for k in
                           ("description", "reads", "needs_fit", "deployable", "costs")})
         else:
-            cls = MEASURES.get(measure.name)
-            entry.update(describe_builtin(cls, measure, config))
+            entry.update(describe_measure_class(get_measure(measure.name), measure, config))
         reason = validation_failure(config, measure)
         if reason is not None:
             entry["status"] = "failed validation"
@@ -696,8 +695,9 @@ def measure_statuses(config: SuiteConfig) -> dict[str, dict[str, Any]]:
     return statuses
 
 
-def describe_builtin(cls, measure: MeasureConfig, config: SuiteConfig) -> dict[str, Any]:
-    """Description, reads and declared cost of a built-in measure at each model's sizes."""
+def describe_measure_class(cls, measure: MeasureConfig, config: SuiteConfig) -> dict[str, Any]:
+    """Description, reads and declared cost of a measure class (built in, or sandboxed: its
+    methods are then requests to its worker) at each model's sizes."""
     from suite.sweep import model_info
 
     info: dict[str, Any] = {"description": str(getattr(cls, "description", "")),
@@ -815,7 +815,7 @@ def validate_configured(config: SuiteConfig, measure: MeasureConfig,
                         measure_cls=None) -> tuple[dict, bool]:
     """The validation report of ``measure`` (``(report, reused)``): the stored one when its
     key (code hash and options) matches, else a new one, stored atomically."""
-    from suite.measures import MEASURES, code_hash
+    from suite.measures import code_hash, get_measure, measure_source
     from suite.validate import validate_measure
 
     path = validation_path(config.output_dir, measure)
@@ -824,9 +824,11 @@ def validate_configured(config: SuiteConfig, measure: MeasureConfig,
     old = read_part(path)
     if old is not None and old.get("key") == key and isinstance(old.get("passed"), bool):
         return old, True
-    cls = measure_cls if measure_cls is not None else MEASURES.get(measure.name)
-    code_origin = getattr(getattr(cls, "code", None), "origin", "submitted code")
-    source = MEASURES.source(measure.name) if measure.name in MEASURES else code_origin
+    cls = measure_cls if measure_cls is not None else get_measure(measure.name)
+    if measure_cls is None:
+        source = measure_source(measure.name)
+    else:
+        source = getattr(getattr(cls, "code", None), "origin", "submitted code")
     if getattr(cls, "session", None) is not None:
         source += f", sandboxed ({cls.session.mode})"
     result = validate_measure(cls, measure.options, source=source,

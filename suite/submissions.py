@@ -116,7 +116,7 @@ class SubmissionStore:
         ``replaced``). Call under the run directory's lock."""
         from suite.measures import MEASURES
 
-        if name in MEASURES and not MEASURES.source(name).startswith("submission:"):
+        if name in MEASURES:
             raise SubmissionError(f"a measure named {name!r} is already registered "
                                   f"({MEASURES.source(name)}); give yours another name")
         sha = hashlib.sha256(source_text.encode("utf-8")).hexdigest()
@@ -142,39 +142,52 @@ class SubmissionStore:
         return submission, outcome
 
 
-_REGISTERED: dict[str, Submission] = {}
-"""The submissions registered in this process, by name."""
+_REGISTERED: dict[str, tuple[Submission, Any]] = {}
+"""The submissions of the run this process works on, by name, with their sandbox settings.
+Kept apart from the measure registry (which holds built-ins and plugins only), so that one
+run's submissions never appear in another's lists; :func:`suite.measures.get_measure`
+consults it first."""
+_CLASSES: dict[tuple[str, str], type] = {}
 
 
 def registered_submission(name: str) -> Submission | None:
     """The stored submission registered under ``name`` in this process, if any."""
-    return _REGISTERED.get(name)
+    found = _REGISTERED.get(name)
+    return found[0] if found else None
 
 
 def stored_for_registry() -> list[Submission]:
     """Every submission registered in this process (handed to replay workers, which register
     them in theirs)."""
-    return list(_REGISTERED.values())
+    return [submission for submission, _ in _REGISTERED.values()]
+
+
+def submission_class(name: str):
+    """The sandboxed class of the registered submission ``name`` (built on first use, one
+    sandbox worker per submitted code), or ``None``."""
+    found = _REGISTERED.get(name)
+    if found is None:
+        return None
+    submission, sandbox = found
+    key = (submission.name, submission.sha256)
+    if key not in _CLASSES:
+        from suite.sandbox import isolated_measure_class
+
+        _CLASSES[key] = isolated_measure_class(submission.code(), sandbox, label=name)
+    return _CLASSES[key]
 
 
 def register_submissions(submissions: list[Submission], sandbox=None) -> None:
-    """Make stored submissions known to the measure registry of this process (the driver
-    and each replay worker), each as a sandboxed class built on first use."""
+    """Make the run's stored submissions the ones :func:`suite.measures.get_measure` finds in
+    this process (the driver, and each replay worker); they replace those of any run this
+    process worked on before."""
     from suite.measures import MEASURES
-    from suite.sandbox import isolated_measure_class
 
     for submission in submissions:
-        source = f"submission:{submission.source_path}"
         if submission.name in MEASURES:
-            if MEASURES.source(submission.name) == source \
-                    and _REGISTERED.get(submission.name) == submission:
-                continue
-            if not MEASURES.source(submission.name).startswith("submission:"):
-                raise SubmissionError(f"stored submission {submission.name!r} has the name of "
-                                      f"a registered measure ({MEASURES.source(submission.name)})"
-                                      f"; remove {submission.folder} or rename the measure")
-        code = submission.code()
-        _REGISTERED[submission.name] = submission
-        MEASURES.register(submission.name, replace=True, source=source,
-                          loader=lambda code=code, name=submission.name:
-                          isolated_measure_class(code, sandbox, label=name))
+            raise SubmissionError(f"stored submission {submission.name!r} has the name of a "
+                                  f"registered measure ({MEASURES.source(submission.name)}); "
+                                  f"remove {submission.folder} or rename the measure")
+    _REGISTERED.clear()
+    for submission in submissions:
+        _REGISTERED[submission.name] = (submission, sandbox)

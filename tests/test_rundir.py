@@ -36,16 +36,24 @@ if real(traces):
 SLOWER = SLOW.replace("SlowTop1", "SlowerTop1").replace("slow_top1", "slower_top1")
 
 
+def environment() -> dict[str, str]:
+    """The commands' environment as a user's shell has it: without the RAY_AUTH_MODE that an
+    in-process Ray of an earlier test module may have set (so Ray announces its token
+    authentication, which must go to the run's log, not the terminal)."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+
+
 def cli(*args: str, cwd: Path = REPO_ROOT, umask: int | None = None,
         timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "suite.cli", *args], cwd=cwd, text=True,
-                          capture_output=True, timeout=timeout,
+                          capture_output=True, timeout=timeout, env=environment(),
                           preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
 
 
 def start(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "suite.cli", *args], cwd=REPO_ROOT,
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=environment())
 
 
 def wait_for(condition, timeout: float = 300, what: str = "the condition") -> None:

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from suite.lock import run_lock
     from suite.runner import (
         _part_path,
-        describe_builtin,
+        describe_measure_class,
         read_part,
         replay_suite,
         validate_configured,
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             print("submission rejected: fix the failing checks above; nothing was stored or "
                   "replayed")
             return 1
-        declared = describe_builtin(measure_cls, measure, config)
+        declared = describe_measure_class(measure_cls, measure, config)
         measure_cls.session.close()
         source_text = submitted_source(measure_cls, args.path)
         store = SubmissionStore(config.output_dir)
