@@ -50,6 +50,31 @@ class TaskConfig(_Strict):
     fit_limit: int | None = Field(default=None, ge=1)
 
 
+class ScheduleConfig(_Strict):
+    """How the threshold depends on the token (:mod:`suite.schedules`)."""
+
+    kind: Literal["constant", "calm_decay", "free_adaptive"] = "constant"
+    """``constant``; ``calm_decay`` (CALM's ``lambda e^(-tau t/N) / 10 + 9 lambda / 10``);
+    ``free_adaptive`` (FREE's beta-mixture threshold, refitted while decoding; FREE's
+    measure only)."""
+    tau: float = Field(default=4.0, ge=0)
+    """``calm_decay``: t5x's ``position_temp`` (4 in CALM and in every run of the study)."""
+    max_length: int | None = Field(default=None, ge=1)
+    """``calm_decay``: ``N`` (t5x's ``max_decode_length``); ``None``: the task's
+    ``max_new_tokens``."""
+    position_offset: int = Field(default=0, ge=0)
+    """``calm_decay``: ``t = position + offset`` (0: t5x's loop index; 1: FREE's ``pos_time``)."""
+    max_refits: int = Field(default=300, ge=0)
+    """``free_adaptive``: FREE's ``bmm_update_max_iter``."""
+
+    @property
+    def label(self) -> str:
+        """What the schedule adds to a measure's display name ('' for constant)."""
+        if self.kind == "calm_decay":
+            return f"decay tau={self.tau:g}"
+        return "adaptive" if self.kind == "free_adaptive" else ""
+
+
 class MeasureConfig(_Strict):
     """One measure to replay, with options (a bare name in the YAML means defaults)."""
 
@@ -61,12 +86,21 @@ class MeasureConfig(_Strict):
     several option sets)."""
     min_layer: int = Field(default=0, ge=0)
     """No exit before this layer (0-based)."""
+    min_position: int = Field(default=0, ge=0)
+    """No exit for tokens at positions below this (0-based; the study's ``min_exit_seq_len``)."""
+    schedule: ScheduleConfig | None = None
+    """The threshold schedule (``None``: constant); the swept thresholds are its base."""
     thresholds: list[float] | None = None
     """Overrides the measure's own sweep."""
 
     @property
     def display_name(self) -> str:
-        return self.label or self.name
+        """The label, else the name with the schedule (``softmax_margin (decay tau=4)``), so
+        a decayed variant is its own series."""
+        if self.label:
+            return self.label
+        suffix = self.schedule.label if self.schedule is not None else ""
+        return f"{self.name} ({suffix})" if suffix else self.name
 
 
 class TokenizerConfig(_Strict):
@@ -98,6 +132,9 @@ class TrainConfig(_Strict):
     max_source_tokens: int | None = Field(default=None, ge=2)
     max_target_tokens: int | None = Field(default=None, ge=2)
     shallow_layer: int | None = Field(default=None, ge=1)
+    """FREE: shallow layers, 1-based (default ``L / 4``, FREE's 6 of 24)."""
+    layer_map: Literal["dyna", "uniform", "last"] = "dyna"
+    """FREE: the distillation layer map (FREE's default ``dyna``)."""
     seed: int = 0
 
 
@@ -264,7 +301,7 @@ def _model_for(loc: tuple[Any, ...]) -> type[BaseModel]:
         annotation = {"tasks": TaskConfig, "models": ModelConfig, "ray": RayConfig,
                       "measures": MeasureConfig, "tokenizer": TokenizerConfig,
                       "train": TrainConfig, "analysis": AnalysisConfig,
-                      "online": OnlineConfig}.get(str(item))
+                      "online": OnlineConfig, "schedule": ScheduleConfig}.get(str(item))
         if annotation is None:
             break
         model = annotation

@@ -484,7 +484,8 @@ def ensure_backbones(config: SuiteConfig, *, progress: bool = True) -> StageRepo
                                  tasks=tuple(spec.tasks), split=spec.split, limit=spec.limit,
                                  max_source_tokens=spec.max_source_tokens,
                                  max_target_tokens=spec.max_target_tokens,
-                                 shallow_layer=spec.shallow_layer, steps=spec.steps,
+                                 shallow_layer=spec.shallow_layer, layer_map=spec.layer_map,
+                                 steps=spec.steps,
                                  batch_size=spec.batch_size, learning_rate=spec.learning_rate,
                                  seed=spec.seed)
         result = train(settings, tok.path, folder, data_dir=config.data_dir,

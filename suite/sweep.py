@@ -35,13 +35,12 @@ from suite.profiles import get_profile
 from suite.record import encode_texts
 from suite.replay import (
     ScoreCache,
-    exit_statistics,
     outputs_hash,
-    replay,
     replayed_tokens,
     sequences_by_example,
 )
 from suite.results import ResultRow
+from suite.schedules import build_schedule, replay_scheduled
 from suite.tasks import TaskSpec, load_examples
 from suite.traces import TraceArrays, TraceStore, sha256_file
 
@@ -113,13 +112,20 @@ class SweepReport:
     per_measure_seconds: dict[str, float]
 
 
-def instantiate(config: MeasureConfig) -> Measure:
+def instantiate(config: MeasureConfig, model_path: str | None = None) -> Measure:
+    """The configured measure; with ``model_path``, adapted to that backbone
+    (:meth:`suite.measures.Measure.adapt_to` with what its model folder records)."""
     cls = get_measure(config.name)
     try:
-        return cls(**config.options)
+        measure = cls(**config.options)
     except TypeError as exc:
         raise ExitbenchError(f"measure {config.name!r}: options {config.options} are not "
                              f"accepted ({exc})") from exc
+    if model_path is not None:
+        from suite.training import read_backbone
+
+        measure.adapt_to(read_backbone(model_path))
+    return measure
 
 
 class HiddenStateLoader:
@@ -147,7 +153,7 @@ class HiddenStateLoader:
 def fitted_measure(config: MeasureConfig, inputs: SweepInputs, hidden: HiddenStateLoader, *,
                    fit_cache_dir: Path | None = None, seed: int = 0) -> Measure:
     """The configured measure, fitted on the fit split's traces when it learns."""
-    measure = instantiate(config)
+    measure = instantiate(config, inputs.model.path)
     if measure.needs_fit:
         if inputs.fit_trace_dir is None:
             raise ExitbenchError(f"measure {config.display_name!r} must be fitted, but task "
@@ -224,10 +230,14 @@ def sweep(inputs: SweepInputs, measures: Sequence[MeasureConfig], profiles: Sequ
         scores = measure.scores(scored)
         thresholds = np.asarray(config.thresholds if config.thresholds is not None
                                 else measure.thresholds_for(traces.num_layers), dtype=np.float64)
-        replayed = replay(scores, thresholds, config.min_layer)
+        schedule = build_schedule(config.schedule, inputs.task.limits.max_new_tokens)
+        replayed = replay_scheduled(traces, scores, thresholds, schedule, config.min_layer,
+                                    config.min_position, measure)
         exits = replayed.exits
         tokens = replayed_tokens(traces, exits)
-        stats = exit_statistics(traces, replayed)
+        stats = replayed.statistics
+        schedule_extra = ({"schedule": schedule.describe(), "min_position": config.min_position}
+                          if config.schedule is not None or config.min_position else {})
         qualities = [quality_of(tokens[k]) for k in range(len(thresholds))]
         check_cost = measure.check_cost(info.dims)
         checked = measure.checked_layers(traces.num_layers)
@@ -261,7 +271,7 @@ def sweep(inputs: SweepInputs, measures: Sequence[MeasureConfig], profiles: Sequ
                         num_tokens=traces.num_tokens, traces_hash=traces_hash,
                         measure_code_hash=measure_hash,
                         extra={"model_dims": info.dims.__dict__,
-                               "signature": qualities[k].get("signature")}))
+                               "signature": qualities[k].get("signature"), **schedule_extra}))
         per_measure[name] = time.perf_counter() - measure_started
     return SweepReport(rows=rows, seconds=time.perf_counter() - started,
                        outputs_scored=cache.misses - misses_before,
