@@ -131,6 +131,14 @@ def build_schedule(config: ScheduleConfig | None, max_new_tokens: int):
     return AdaptiveSettings(max_refits=config.max_refits)
 
 
+def schedule_extra(config, schedule) -> dict[str, Any]:
+    """What a result row's ``extra`` records of a measure config's schedule and
+    ``min_position`` (nothing for the constant rule from position 0)."""
+    if config.schedule is None and not config.min_position:
+        return {}
+    return {"schedule": schedule.describe(), "min_position": int(config.min_position)}
+
+
 # -- replay -------------------------------------------------------------------------------------
 def schedule_scores(scores: np.ndarray, positions: np.ndarray, thresholds: Sequence[float],
                     schedule: PositionSchedule, min_position: int = 0) -> np.ndarray:

@@ -40,7 +40,7 @@ from suite.replay import (
     sequences_by_example,
 )
 from suite.results import ResultRow
-from suite.schedules import build_schedule, replay_scheduled
+from suite.schedules import build_schedule, replay_scheduled, schedule_extra
 from suite.tasks import TaskSpec, load_examples
 from suite.traces import TraceArrays, TraceStore, sha256_file
 
@@ -236,8 +236,7 @@ def sweep(inputs: SweepInputs, measures: Sequence[MeasureConfig], profiles: Sequ
         exits = replayed.exits
         tokens = replayed_tokens(traces, exits)
         stats = replayed.statistics
-        schedule_extra = ({"schedule": schedule.describe(), "min_position": config.min_position}
-                          if config.schedule is not None or config.min_position else {})
+        extra_schedule = schedule_extra(config, schedule)
         qualities = [quality_of(tokens[k]) for k in range(len(thresholds))]
         check_cost = measure.check_cost(info.dims)
         checked = measure.checked_layers(traces.num_layers)
@@ -271,7 +270,7 @@ def sweep(inputs: SweepInputs, measures: Sequence[MeasureConfig], profiles: Sequ
                         num_tokens=traces.num_tokens, traces_hash=traces_hash,
                         measure_code_hash=measure_hash,
                         extra={"model_dims": info.dims.__dict__,
-                               "signature": qualities[k].get("signature"), **schedule_extra}))
+                               "signature": qualities[k].get("signature"), **extra_schedule}))
         per_measure[name] = time.perf_counter() - measure_started
     return SweepReport(rows=rows, seconds=time.perf_counter() - started,
                        outputs_scored=cache.misses - misses_before,
