@@ -48,6 +48,9 @@ class TaskConfig(_Strict):
     fit_split: str | None = None
     """Split whose traces fit learned measures (kept apart from ``split``); ``None``: no fitting."""
     fit_limit: int | None = Field(default=None, ge=1)
+    calibration_split: str | None = None
+    """Split whose traces calibrate thresholds (``calibration:``; kept apart from ``split``)."""
+    calibration_limit: int | None = Field(default=None, ge=1)
 
 
 class ScheduleConfig(_Strict):
@@ -199,6 +202,35 @@ class OnlineConfig(_Strict):
     ones; ``None``: the first of ``profiles``."""
 
 
+class CalibrationTarget(_Strict):
+    """One guarantee to calibrate for (:mod:`suite.calibration`)."""
+
+    measure: str
+    """A measure of the config, by its display name (``softmax_margin (decay tau=4)``)."""
+    risk: Literal["consistency_01", "consistency_rougeL", "task_loss"] = "consistency_01"
+    """Textual consistency with the full model (0/1, or ``1 - ROUGE-L``), or risk
+    consistency (the task loss's increase over the full model's)."""
+    epsilon: float = Field(gt=0, lt=1)
+    """Risk level to control."""
+    delta: float = Field(default=0.1, gt=0, lt=1)
+    """The guarantee holds with probability at least ``1 - delta``."""
+    thresholds: list[float] | None = None
+    """Candidate base thresholds; ``None``: the measure's sweep refined to ``num_thresholds``."""
+
+
+class CalibrationConfig(_Strict):
+    """``exitbench calibrate``: Learn-then-Test thresholds on ``tasks[].calibration_split``."""
+
+    targets: list[CalibrationTarget] = Field(min_length=1)
+    num_thresholds: int = Field(default=101, ge=0)
+    """Evenly spaced candidates added to the measure's sweep."""
+    validity_splits: int = Field(default=1000, ge=0)
+    """Random calibration/test splits of the evaluated split's traces on which the share of
+    test risks above epsilon is reported (0: skip)."""
+    calibration_fraction: float = Field(default=0.5, gt=0, lt=1)
+    """Share of examples in the calibration half of each random split."""
+
+
 class SuiteConfig(_Strict):
     """A whole suite run."""
 
@@ -226,6 +258,9 @@ class SuiteConfig(_Strict):
     """Build the static site into ``<output_dir>/site`` at the end of ``exitbench run``."""
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     online: OnlineConfig = Field(default_factory=OnlineConfig)
+    calibration: CalibrationConfig | None = None
+    """Thresholds with a statistical guarantee (``exitbench calibrate``, and ``exitbench run``
+    when set)."""
     extra: dict[str, Any] = Field(default_factory=dict)
     """Free-form settings for later stages (training, replay); kept in the manifest."""
 
@@ -301,7 +336,9 @@ def _model_for(loc: tuple[Any, ...]) -> type[BaseModel]:
         annotation = {"tasks": TaskConfig, "models": ModelConfig, "ray": RayConfig,
                       "measures": MeasureConfig, "tokenizer": TokenizerConfig,
                       "train": TrainConfig, "analysis": AnalysisConfig,
-                      "online": OnlineConfig, "schedule": ScheduleConfig}.get(str(item))
+                      "online": OnlineConfig, "schedule": ScheduleConfig,
+                      "calibration": CalibrationConfig,
+                      "targets": CalibrationTarget}.get(str(item))
         if annotation is None:
             break
         model = annotation
@@ -329,6 +366,18 @@ def _check_names(config: SuiteConfig, path: str) -> None:
     labels = [m.display_name for m in config.measures]
     for dup in sorted({n for n in labels if labels.count(n) > 1}):
         errors.append(f"{path}: measures: {dup!r} appears twice; give one a distinct 'label'")
+    for i, target in enumerate(config.calibration.targets if config.calibration else []):
+        if target.measure not in labels:
+            from suite.registry import closest_names
+
+            close = closest_names(target.measure, labels, n=1)
+            errors.append(f"{path}: calibration.targets[{i}].measure: {target.measure!r} is not "
+                          f"a measure of this config" + (f" (did you mean {close[0]!r}?)"
+                                                          if close else "")
+                          + f"; use one of {', '.join(labels) or '(none)'}")
+    if config.calibration and not any(t.calibration_split for t in config.tasks):
+        errors.append(f"{path}: calibration: no task has a calibration_split; set "
+                      f"tasks[].calibration_split to a split disjoint from the evaluated one")
     model_names = [m.name for m in config.models]
     for dup in sorted({n for n in model_names if model_names.count(n) > 1}):
         errors.append(f"{path}: models: the name {dup!r} is used twice; names must be unique")

@@ -133,9 +133,10 @@ def uses_fitting(config: SuiteConfig) -> bool:
 def trace_dir(output_dir: str | Path, task: str, model: str, role: str = "eval",
               kind: str = "generated") -> Path:
     """``<out>/traces/<task>/<model>/<kind>`` for the evaluated split; learned measures'
-    fit split lives in ``<out>/traces/<task>/<model>/fit/<kind>``."""
+    fit split lives in ``<out>/traces/<task>/<model>/fit/<kind>``, the calibration split in
+    ``.../calibration/<kind>``."""
     base = Path(output_dir) / "traces" / task / model
-    return base / kind if role == "eval" else base / "fit" / kind
+    return base / kind if role == "eval" else base / role / kind
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,11 @@ def record_jobs(config: SuiteConfig) -> list[RecordJob]:
                                                    "limit": task.fit_limit})
                 jobs.append(RecordJob(fit_task, model, "fit", trace_dir(
                     config.output_dir, task.name, model.name, "fit")))
+            if config.calibration is not None and task.calibration_split:
+                calibration_task = task.model_copy(update={"split": task.calibration_split,
+                                                           "limit": task.calibration_limit})
+                jobs.append(RecordJob(calibration_task, model, "calibration", trace_dir(
+                    config.output_dir, task.name, model.name, "calibration")))
     return jobs
 
 
@@ -423,7 +429,9 @@ def collect_results(config: SuiteConfig) -> list:
                     continue
                 for row in json.loads(path.read_text("utf-8"))["rows"]:
                     rows.append(ResultRow(**{k: v for k, v in row.items() if k in names}))
-    return rows + read_online_rows(config)
+    from suite.calibration import read_calibrated_rows
+
+    return rows + read_online_rows(config) + read_calibrated_rows(config)
 
 
 def publish_results(config: SuiteConfig) -> int:
@@ -495,6 +503,16 @@ def ensure_backbones(config: SuiteConfig, *, progress: bool = True) -> StageRepo
                             f"{getattr(result, 'final_loss', float('nan')):.3f}")
     report.seconds = time.perf_counter() - started
     return report
+
+
+def run_calibration_stage(config: SuiteConfig) -> StageReport:
+    """Learn-then-Test thresholds of ``config.calibration`` (:mod:`suite.calibration`)."""
+    from suite.calibration import run_calibration
+
+    result = run_calibration(config)
+    return StageReport("calibrate", done=result.done, skipped=result.reused,
+                       failed=len(result.errors), seconds=result.seconds,
+                       notes=[f"{k} failed: {v}" for k, v in result.errors.items()])
 
 
 # -- validation --------------------------------------------------------------------------------------
@@ -605,6 +623,8 @@ def replay_suite(config: SuiteConfig, config_path: str | None = None, *,
                 import ray
 
                 ray.shutdown()
+    if config.calibration is not None and config.measures:
+        summary.stages.append(run_calibration_stage(config))
     if all_measures.measures:
         results_started = time.perf_counter()
         rows = publish_results(config)
