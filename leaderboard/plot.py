@@ -129,9 +129,15 @@ def format_rate(value: float) -> str:
 
 def point_title(row, metric: str) -> str:
     mode = "" if row.mode == "replay" else f" ({row.mode}, measured)"
-    return (f"{row.measure}{mode}\nthreshold {row.threshold:g}\n{metric} {row.quality:.2f}\n"
-            f"{format_rate(row.tokens_per_s)} tokens/s ({row.speedup:.2f}x full depth)\n"
-            f"mean layers {row.mean_layers_used:.2f} of {row.num_layers}")
+    title = (f"{row.measure}{mode}\nthreshold {row.threshold:g}\n{metric} {row.quality:.2f}\n"
+             f"{format_rate(row.tokens_per_s)} tokens/s ({row.speedup:.2f}x full depth)\n"
+             f"mean layers {row.mean_layers_used:.2f} of {row.num_layers}")
+    calibration = row.extra.get("calibration") if isinstance(row.extra, dict) else None
+    if isinstance(calibration, dict):
+        title += (f"\ncalibrated: {calibration.get('risk')} <= {calibration.get('epsilon')} with "
+                  f"probability >= 1 - {calibration.get('delta')}; test risk "
+                  f"{calibration.get('test_risk')}")
+    return title
 
 
 def colour_class(measure: str, colour_index: dict[str, int]) -> str:
@@ -176,7 +182,8 @@ def panel_figure(panel: Panel, colour_index: dict[str, int],
             figure.markers.append(Marker(
                 x=to_x(row.tokens_per_s), y=to_y(row.quality),
                 shape="diamond" if s.mode != "replay" else "circle",
-                css=f"point {colour} {mode_css}" + ("" if on_front else " off-front"),
+                css=f"point {colour} {mode_css}" + ("" if on_front else " off-front")
+                + (" calibrated" if "calibration" in row.extra else ""),
                 title=point_title(row, panel.metric), measure=s.measure, mode=s.mode,
                 threshold=row.threshold, quality=row.quality, tokens_per_s=row.tokens_per_s,
                 front=bool(on_front)))

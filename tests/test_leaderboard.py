@@ -404,3 +404,24 @@ def test_escaping_helpers():
     assert slugs["index"] != "index"
     assert re.fullmatch(r"script-alert-1-script-[0-9a-f]{8}", slugs[HOSTILE])
     assert [nice_step(s) for s in (1.0, 7.0, 120.0, 0.03)] == [0.2, 2.0, 25.0, 0.01]
+
+
+def test_calibrated_points_are_marked_with_their_epsilon_and_delta():
+    import dataclasses
+
+    from leaderboard.plot import panel_figure
+    from suite.fronts import build_panels
+
+    rows = [r for r in make_rows({t: "h" * 64 for t in TASKS})
+            if r.task == "squad" and r.profile == "a100_sxm_80gb" and r.batch_size == 1
+            and r.mode == "replay" and r.measure in ("static_layer", "softmax_margin")]
+    chosen = next(r for r in rows if r.measure == "softmax_margin")
+    label = "softmax_margin [calibrated consistency_01 eps=0.1 delta=0.1]"
+    rows.append(dataclasses.replace(chosen, measure=label, extra={"calibration": {
+        "risk": "consistency_01", "epsilon": 0.1, "delta": 0.1, "test_risk": 0.05}}))
+    panel = build_panels(rows)[0].panels[1]
+    figure = panel_figure(panel, {"softmax_margin": 0, label: 1})
+    marked = [m for m in figure.markers if "calibrated" in m.css.split()]
+    assert len(marked) == 1 and marked[0].measure == label
+    assert "consistency_01 <= 0.1 with probability >= 1 - 0.1" in marked[0].title
+    assert not any("calibrated" in m.css.split() for m in figure.markers if m is not marked[0])
