@@ -178,6 +178,8 @@ class AnalysisConfig(_Strict):
     increasing_from: list[int] = Field(default_factory=lambda: [0, 4, 8])
     """Start layers of the strictly-increasing-similarity indicators, given for a 24-layer
     model and scaled to shallower ones."""
+    states: Literal["normed", "raw"] = "normed"
+    """Saturation cosines between final-normed states (the study's) or un-normed ones."""
     kinds: list[Literal["generated", "forced"]] = Field(default_factory=lambda: ["generated",
                                                                                  "forced"])
     """Trace kinds analysed: the model's own generations, reference-forced traces."""

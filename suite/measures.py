@@ -52,6 +52,7 @@ MEASURES_DIR = Path(__file__).resolve().parent.parent / "measures"
 
 TRACE_FIELDS: frozenset[str] = frozenset({
     "top1_id", "top1_prob", "top2_prob", "cos_prev", "cos_last", "final_prob",  # [T, L]
+    "cos_prev_normed", "cos_last_normed",  # [T, L], final-normed states
     "example_id", "position", "final_id", "gold_id",  # per token [T]
     "hidden",  # per layer [T, L, d_model], re-materialised on demand
 })

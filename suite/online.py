@@ -62,6 +62,7 @@ from suite.traces import (
     LAYER_FIELDS,
     LOOK_AHEAD_LAYER_FIELDS,
     LOOK_AHEAD_TOKEN_FIELDS,
+    OPTIONAL_LAYER_FIELDS,
     TraceArrays,
 )
 
@@ -149,6 +150,8 @@ class LayerScorer:
         refused)."""
         self.fields = {name: np.empty((batch, layers), dtype)
                        for name, dtype in LAYER_FIELDS.items()}
+        self.fields.update({name: np.empty((batch, layers), dtype)
+                            for name, dtype in OPTIONAL_LAYER_FIELDS.items() if name in self.reads})
         self.hidden = (np.zeros((batch, layers, adapter.dims.d_model), np.float32)
                        if "hidden" in self.reads else None)
         self.head_fields = bool(self.reads & HEAD_FIELDS)
@@ -174,6 +177,10 @@ class LayerScorer:
             if "cos_prev" in self.reads:
                 self.fields["cos_prev"][:, layer] = F.cosine_similarity(
                     hidden.float(), previous.float(), dim=-1).cpu().numpy()
+            if "cos_prev_normed" in self.reads:
+                self.fields["cos_prev_normed"][:, layer] = F.cosine_similarity(
+                    self.adapter.exit_norm(layer, hidden).float(),
+                    self.adapter.exit_norm(layer, previous).float(), dim=-1).cpu().numpy()
             if self.hidden is not None:
                 self.hidden[:, layer] = hidden.float().cpu().numpy()
         return top1

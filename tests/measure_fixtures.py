@@ -35,6 +35,7 @@ def make_traces(top1_prob, top2_prob=None, top1_id=None, final_id=None, cos_prev
         top1_prob=top1_prob,
         top2_prob=zeros.copy() if top2_prob is None else np.asarray(top2_prob, np.float32),
         cos_prev=zeros.copy() if cos_prev is None else np.asarray(cos_prev, np.float32),
+        cos_prev_normed=zeros.copy() if cos_prev is None else np.asarray(cos_prev, np.float32),
         cos_last=zeros.copy(),
         final_prob=zeros.copy(),
         hidden=None if hidden is None else np.asarray(hidden, np.float32))

@@ -207,3 +207,18 @@ def test_lstm_defaults_are_the_study_code():
     assert (lstm.hidden_size, lstm.num_lstm_layers) == (250, 1)
     network = lstm.build_network(16)
     assert network.lstm.hidden_size == 250 and network.lstm.num_layers == 1
+
+
+def test_saturation_on_normed_states_reads_the_normed_cosines(traces):
+    import dataclasses
+
+    normed = dataclasses.replace(traces, cos_prev_normed=np.full((3, 4), 0.5, np.float32))
+    scores = get_measure("hidden_state_saturation")(states="normed").scores(normed)
+    assert (scores[:, 1:] == 0.5).all() and (scores[:, 0] == NEG).all()
+    raw = get_measure("hidden_state_saturation")().scores(normed)  # CALM's: un-normed states
+    np.testing.assert_allclose(raw[:, 1:], np.array(COS_PREV)[:, 1:], atol=1e-7)
+    with pytest.raises(ExitbenchError, match="cos_prev_normed"):
+        get_measure("hidden_state_saturation")(states="normed").scores(
+            dataclasses.replace(traces, cos_prev_normed=None))
+    with pytest.raises(ExitbenchError, match="states"):
+        get_measure("hidden_state_saturation")(states="layer")
