@@ -80,16 +80,20 @@ def describe_measure(name: str, rows: list[ResultRow], metadata: dict[str, Any],
     """Description and declared cost of ``name`` as installed here."""
     from suite.measures import MEASURES, ModelDims, code_hash
 
+    # a labelled, scheduled or calibrated series names its registry entry in its rows
+    named = next((r.extra.get("measure_name") for r in rows if isinstance(r.extra, dict)
+                  and isinstance(r.extra.get("measure_name"), str)), None)
+    registry_name = named or name
     try:
-        registered = name in MEASURES
+        registered = registry_name in MEASURES
     except Exception as exc:  # a broken plugin entry point must not stop the site
         return MeasureInfo(name, False, problem=f"the measure registry failed to load: {exc}")
     if not registered:
         return MeasureInfo(name, False, problem="not installed here, so its description and "
                                                 "declared cost cannot be shown")
-    info = MeasureInfo(name, True, source=MEASURES.source(name))
+    info = MeasureInfo(name, True, source=MEASURES.source(registry_name))
     try:
-        measure_cls = MEASURES.get(name)
+        measure_cls = MEASURES.get(registry_name)
     except Exception as exc:
         info.problem = f"installed but failed to load: {type(exc).__name__}: {exc}"
         return info

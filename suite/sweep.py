@@ -270,7 +270,8 @@ def sweep(inputs: SweepInputs, measures: Sequence[MeasureConfig], profiles: Sequ
                         num_tokens=traces.num_tokens, traces_hash=traces_hash,
                         measure_code_hash=measure_hash,
                         extra={"model_dims": info.dims.__dict__,
-                               "signature": qualities[k].get("signature"), **extra_schedule}))
+                               "signature": qualities[k].get("signature"),
+                               "measure_name": config.name, **extra_schedule}))
         per_measure[name] = time.perf_counter() - measure_started
     return SweepReport(rows=rows, seconds=time.perf_counter() - started,
                        outputs_scored=cache.misses - misses_before,

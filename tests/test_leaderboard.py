@@ -425,3 +425,17 @@ def test_calibrated_points_are_marked_with_their_epsilon_and_delta():
     assert len(marked) == 1 and marked[0].measure == label
     assert "consistency_01 <= 0.1 with probability >= 1 - 0.1" in marked[0].title
     assert not any("calibrated" in m.css.split() for m in figure.markers if m is not marked[0])
+
+
+def test_a_scheduled_series_is_described_by_its_registry_measure():
+    import dataclasses
+
+    from leaderboard.describe import describe_measure
+
+    row = next(r for r in make_rows({t: "h" * 64 for t in TASKS}) if r.measure == "softmax_margin")
+    decayed = dataclasses.replace(row, measure="softmax_margin (decay tau=4)",
+                                  extra={"measure_name": "softmax_margin",
+                                         "schedule": {"kind": "calm_decay", "tau": 4.0}})
+    info = describe_measure(decayed.measure, [decayed], {}, None)
+    assert info.registered and info.description.startswith("softmax top-1 minus top-2")
+    assert describe_measure("no_such (decay tau=4)", [], {}, None).problem
