@@ -250,6 +250,20 @@ def test_training_reduces_loss_and_writes_a_loadable_model(tmp_path, tokenizer_d
     again = train(_settings(objective="free", steps=40, learning_rate=5e-3), tokenizer_dir, out,
                   data_dir=samples_dir, progress=False, log_every=5)
     assert again.already_done and again.final_loss == pytest.approx(last)
+    # what the folder records reaches the FREE measure (and so the online FREE decoder):
+    # the trained shallow exit is its default, naming another layer is an error
+    from suite.config import MeasureConfig
+    from suite.sweep import instantiate
+    from suite.training import read_backbone
+
+    backbone = read_backbone(str(out))
+    assert (backbone.objective, backbone.shallow_layer) == ("free", 1)
+    assert meta["layer_map"] == "dyna"
+    measure = instantiate(MeasureConfig(name="free_shallow_deep"), str(out))
+    assert measure.exit_layer(MICRO.num_layers) == 0
+    with pytest.raises(ExitbenchError, match="trained with FREE's objective to exit at layer 0"):
+        instantiate(MeasureConfig(name="free_shallow_deep", options={"shallow_layer": 1}),
+                    str(out))
     with pytest.raises(ExitbenchError, match="steps: 40 then, 41 now"):
         train(_settings(objective="free", steps=41, learning_rate=5e-3), tokenizer_dir, out,
               data_dir=samples_dir, progress=False)
