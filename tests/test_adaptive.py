@@ -146,6 +146,15 @@ def test_replay_simulation_equals_free_token_walk(max_refits):
             np.testing.assert_allclose(result.thresholds_used[k], used)
         mean_layers = 1 + np.where(result.exits == shallow, shallow, num_layers - 1)
         np.testing.assert_allclose(result.statistics.mean_layers_used, mean_layers.mean(axis=1))
+        # the statistics are the engine's for the same exits
+        from suite.replay import exit_statistics, replay
+        for k in range(len(thresholds)):
+            hits = (np.arange(num_layers) == shallow)[None, :] & (result.exits[k] == shallow)[:, None]
+            engine = exit_statistics(traces, replay(np.where(hits, 1.0, -np.inf), [1.0]))
+            np.testing.assert_allclose(result.statistics.exit_histogram[k],
+                                       engine.exit_histogram[0])
+            np.testing.assert_allclose(result.statistics.token_agreement[k],
+                                       engine.token_agreement[0])
     # refits move the threshold onto FREE's grid after the first example with pairs
     assert set(np.round(result.thresholds_used[0, lengths[0]:], 6)) <= \
         set(np.round(np.linspace(0.3, 0.9, 10), 6)) | {0.1}
