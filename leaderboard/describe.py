@@ -133,21 +133,25 @@ def describe_measure(name: str, rows: list[ResultRow], metadata: dict[str, Any],
     record = recorded_measures(metadata).get(name)
     if record is not None:
         return _from_record(name, record)
+    # a labelled, scheduled or calibrated series names its registry entry in its rows
+    named = next((r.extra.get("measure_name") for r in rows if isinstance(r.extra, dict)
+                  and isinstance(r.extra.get("measure_name"), str)), None)
+    registry_name = named or name
     try:
-        registered = name in MEASURES
+        registered = registry_name in MEASURES
     except Exception as exc:  # a broken plugin entry point must not stop the site
         return MeasureInfo(name, False, problem=f"the measure registry failed to load: {exc}")
     if not registered:
         return MeasureInfo(name, False, problem="not installed here and not described by the "
                                                 "run, so its description and declared cost "
                                                 "cannot be shown")
-    info = MeasureInfo(name, True, source=MEASURES.source(name))
+    info = MeasureInfo(name, True, source=MEASURES.source(registry_name))
     if info.source != "builtin":  # submitted code runs only in the sandbox, never here
         info.problem = ("not built in, and the run did not record its description: rebuild "
                         "the results with this exitbench to show it")
         return info
     try:
-        measure_cls = MEASURES.get(name)
+        measure_cls = MEASURES.get(registry_name)
     except Exception as exc:
         info.problem = f"installed but failed to load: {type(exc).__name__}: {exc}"
         return info

@@ -154,9 +154,15 @@ def point_title(row, metric: str) -> str:
                f"{row.tpot_p99_seconds * 1e3:.3g} ms"
                if getattr(row, "ttft_p99_seconds", None) is not None
                and getattr(row, "tpot_p99_seconds", None) is not None else "")
-    return (f"{row.measure}{mode}\nthreshold {row.threshold:g}\n{metric} {row.quality:.2f}{ci}\n"
-            f"{format_rate(row.tokens_per_s)} tokens/s ({row.speedup:.2f}x full depth)\n"
-            f"mean layers {row.mean_layers_used:.2f} of {row.num_layers}{latency}")
+    title = (f"{row.measure}{mode}\nthreshold {row.threshold:g}\n{metric} {row.quality:.2f}{ci}\n"
+             f"{format_rate(row.tokens_per_s)} tokens/s ({row.speedup:.2f}x full depth)\n"
+             f"mean layers {row.mean_layers_used:.2f} of {row.num_layers}{latency}")
+    calibration = row.extra.get("calibration") if isinstance(row.extra, dict) else None
+    if isinstance(calibration, dict):
+        title += (f"\ncalibrated: {calibration.get('risk')} <= {calibration.get('epsilon')} with "
+                  f"probability >= 1 - {calibration.get('delta')}; test risk "
+                  f"{calibration.get('test_risk')}")
+    return title
 
 
 def colour_class(measure: str, colour_index: dict[str, int]) -> str:
@@ -204,7 +210,8 @@ def panel_figure(panel: Panel, colour_index: dict[str, int],
             figure.markers.append(Marker(
                 x=to_x(row.tokens_per_s), y=to_y(row.quality),
                 shape="diamond" if s.mode != "replay" else "circle",
-                css=f"point {colour} {mode_css}" + ("" if on_front else " off-front"),
+                css=f"point {colour} {mode_css}" + ("" if on_front else " off-front")
+                + (" calibrated" if "calibration" in row.extra else ""),
                 title=point_title(row, panel.metric), measure=s.measure, mode=s.mode,
                 threshold=row.threshold, quality=row.quality, tokens_per_s=row.tokens_per_s,
                 front=bool(on_front),

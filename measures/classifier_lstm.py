@@ -3,8 +3,14 @@ layer (the "Monotonic Early Exiting" study). Score at layer ``l``: a linear read
 LSTM's output after step ``l``, as the probability that the layer's prediction is good enough
 to exit (see :mod:`suite.learned`). A unidirectional LSTM is causal by construction.
 
-Options: ``hidden_size`` (64 by default), ``num_lstm_layers`` (2 by default, as in the
-study) and the training options of :class:`suite.learned.LearnedMeasure`.
+Options: ``hidden_size`` (250 by default) and ``num_lstm_layers`` (1 by default): the
+study's code (``LSTMClassifier`` in ``src/models/modeling_t5.py``: ``nn.LSTM(d_model, 250,
+1)`` and a linear read-out to two classes); its blog post describes "a two-layered LSTM
+network", which ``num_lstm_layers: 2`` gives. Plus the training options of
+:class:`suite.learned.LearnedMeasure`. The study feeds the final-normed state
+(``final_layer_norm``, with its weight); here each state is RMS-normalised without the
+weight and standardised per dimension (:mod:`suite.learned`), which the first linear
+layer absorbs.
 
 Cost per check (one LSTM step): RMS norm of the new state (``3 d``); per LSTM layer, four
 gates of ``2 (in + h) h`` flops (``in = d`` for the first layer, ``h`` after) plus about
@@ -45,7 +51,7 @@ class ClassifierLstm(LearnedMeasure):
     name = "classifier_lstm"
     description = "learned LSTM over the hidden states of all layers so far (the study)"
 
-    def __init__(self, hidden_size: int = 64, num_lstm_layers: int = 2, **training: Any):
+    def __init__(self, hidden_size: int = 250, num_lstm_layers: int = 1, **training: Any):
         super().__init__(**training)
         for option, value in (("hidden_size", hidden_size), ("num_lstm_layers", num_lstm_layers)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

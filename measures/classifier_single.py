@@ -5,7 +5,8 @@ prediction is good enough to exit (see :mod:`suite.learned` for labels and train
 Options: ``head`` (``"linear"``, as in CALM, or ``"mlp"``: linear, ReLU, linear),
 ``hidden_size`` (the MLP's width), and the training options of
 :class:`suite.learned.LearnedMeasure` (``epochs``, ``batch_size``, ``learning_rate``,
-``seed``, ``label``, ``cache_dir``).
+``seed``, ``label``, ``balance``, ``cache_dir``). ``balance`` defaults to ``"per_layer"``:
+CALM balances the two classes within each layer (t5x ``loss_fn_meta_cls``).
 
 Cost per check: RMS norm of the state (``3 d``), the head (linear: ``2 * 2 d`` flops; MLP:
 ``2 (d h + 2 h)`` plus ``h`` for the ReLU), a two-class softmax; bytes: the head's weights
@@ -45,6 +46,7 @@ HEADS = {
 class ClassifierSingle(LearnedMeasure):
     name = "classifier_single"
     description = "learned classifier on the current layer's hidden state (CALM's meta measure)"
+    default_balance = "per_layer"
 
     def __init__(self, head: str = "linear", hidden_size: int = 64, **training: Any):
         super().__init__(**training)

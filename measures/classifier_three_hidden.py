@@ -7,7 +7,9 @@ zero-padding the window: a padded input is one the MLP never sees at other layer
 padding would make the first two layers a different classifier in disguise. They are not
 checked either. Causal by construction: the window only looks back.
 
-Options: ``hidden_size`` (the MLP's width) and the training options of
+Options: ``hidden_size`` (the MLP's width; by default ``d_model``, as the study's code:
+``nn.Linear(config.d_model * 3, config.d_model)`` in ``src/models/modeling_t5.py``, whose
+layers carry no bias where these do) and the training options of
 :class:`suite.learned.LearnedMeasure`.
 
 Cost per check: RMS norm of the new state (``3 d``; the two earlier ones were normalised when
@@ -55,9 +57,10 @@ class ClassifierThreeHidden(LearnedMeasure):
     description = "learned MLP on the last three layers' hidden states (the study)"
     first_scored_layer = WINDOW - 1
 
-    def __init__(self, hidden_size: int = 64, **training: Any):
+    def __init__(self, hidden_size: int | None = None, **training: Any):
         super().__init__(**training)
-        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+        if hidden_size is not None and (isinstance(hidden_size, bool)
+                                        or not isinstance(hidden_size, int) or hidden_size < 1):
             raise ExitbenchError(f"classifier_three_hidden: hidden_size={hidden_size!r} must be "
                                  f"an integer >= 1")
         self.hidden_size = hidden_size
@@ -66,11 +69,15 @@ class ClassifierThreeHidden(LearnedMeasure):
         return {"hidden_size": self.hidden_size, "window": WINDOW}
 
     def build_network(self, d_model: int) -> nn.Module:
-        return ThreeLayerWindowMlp(d_model, self.hidden_size)
+        return ThreeLayerWindowMlp(d_model, self.width(d_model))
 
     def network_flops(self, dims: ModelDims) -> float:
-        return (2.0 * (WINDOW * dims.d_model * self.hidden_size + self.hidden_size * 2)
-                + self.hidden_size)
+        width = self.width(dims.d_model)
+        return 2.0 * (WINDOW * dims.d_model * width + width * 2) + width
+
+    def width(self, d_model: int) -> int:
+        """The MLP's hidden width: ``hidden_size``, or ``d_model`` when unset (the study's)."""
+        return self.hidden_size if self.hidden_size is not None else d_model
 
     def state_values(self, dims: ModelDims) -> int:
         return (WINDOW - 1) * dims.d_model

@@ -44,6 +44,16 @@ own similarity is 1 by construction, so, as in the study, only the *compared lay
   Start layers are given for a 24-layer model, as the study did (0, 4, 8), and scaled to a
   shallower model by :func:`scaled_start_layers`.
 
+Which states (``AnalysisSettings.states``): ``normed`` (default, the study's: its
+``decoder_hidden_states`` pass through the decoder's final norm before the cosine, so it
+compares ``cos_last_normed``) or ``raw`` (the un-normed residual stream, ``cos_last``).
+
+Prefix length (the study's "longer sequences are easier"): a token's prefix length is its
+position, the number of tokens generated before it. Per prefix length, the tokens' mean
+similarity (over compared layers) and share never saturated; the Spearman correlation of
+prefix length with a token's mean similarity; and the mean prefix length of the ``K``
+easiest and ``K`` most difficult tokens (prefixes) by mean similarity, beside all tokens'.
+
 :func:`analyse_traces` computes all of it for one (model, kind); :func:`analysis_tables`,
 :func:`write_tables` and :func:`write_figures` turn several into CSV/JSON tables and one
 matplotlib figure per analysis with every backbone on the same axes.
@@ -150,8 +160,13 @@ class AnalysisSettings:
     top_k: int = 1000
     increasing_from: tuple[int, ...] = (0, 4, 8)
     """Start layers for a 24-layer model (scaled by :func:`scaled_start_layers`)."""
+    states: str = "normed"
+    """``normed`` (the study's: cosines between final-normed states) or ``raw``."""
 
     def __post_init__(self) -> None:
+        if self.states not in ("normed", "raw"):
+            raise AnalysisError(f"analysis.states {self.states!r} is not 'normed' (the study's) "
+                                f"or 'raw'")
         if self.top_k < 1:
             raise AnalysisError(f"analysis.top_k must be at least 1, got {self.top_k}")
         if not -1.0 < self.saturation_threshold <= 1.0:
@@ -251,6 +266,57 @@ class EasyDifficult:
 
 
 @dataclass(frozen=True)
+class PrefixStats:
+    """Saturation by prefix length (a token's position: the tokens generated before it)."""
+
+    prefix_length: np.ndarray
+    """``[P]`` the prefix lengths present, ascending."""
+    num_tokens: np.ndarray
+    """``[P]`` tokens at each prefix length."""
+    mean_similarity: np.ndarray
+    """``[P]`` mean over those tokens of their mean similarity over compared layers."""
+    share_never_saturated: np.ndarray
+    """``[P]`` share of those tokens saturated at no compared layer."""
+    spearman: float
+    """Rank correlation of prefix length with a token's mean similarity (NaN when either is
+    constant)."""
+    k: int
+    """Tokens in each of the easy / difficult prefix groups (``min(top_k, T // 2)``)."""
+    mean_prefix_all: float
+    mean_prefix_easy: float
+    """Mean prefix length of the ``k`` tokens with the highest mean similarity."""
+    mean_prefix_difficult: float
+    """Mean prefix length of the ``k`` tokens with the lowest mean similarity."""
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share their mean rank)."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return (ends - (counts - 1) / 2.0)[inverse]
+
+
+def prefix_stats(traces: TraceArrays, saturation: SequenceSaturation, similarity: np.ndarray,
+                 top_k: int) -> PrefixStats:
+    """:class:`PrefixStats` from the tokens' similarity rows ``[T, L-1]``."""
+    position = np.asarray(traces.position, dtype=np.int64)
+    token_mean = similarity.mean(axis=1)
+    never = saturation.token_first_saturated_layer < 0
+    lengths, inverse, counts = np.unique(position, return_inverse=True, return_counts=True)
+    rank_x, rank_y = _ranks(position), _ranks(token_mean)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        spearman = float(np.corrcoef(rank_x, rank_y)[0, 1]) if len(position) > 1 else math.nan
+    split = split_easy_difficult(token_mean, top_k)
+    return PrefixStats(
+        prefix_length=lengths, num_tokens=counts,
+        mean_similarity=np.bincount(inverse, token_mean) / counts,
+        share_never_saturated=np.bincount(inverse, never.astype(np.float64)) / counts,
+        spearman=spearman, k=split.k, mean_prefix_all=float(position.mean()),
+        mean_prefix_easy=_share(position[split.easy].astype(np.float64)),
+        mean_prefix_difficult=_share(position[split.difficult].astype(np.float64)))
+
+
+@dataclass(frozen=True)
 class TraceAnalysis:
     """Every analysis of one backbone's traces of one kind."""
 
@@ -268,6 +334,7 @@ class TraceAnalysis:
     groups: dict[str, GroupStats]
     """``all``, ``easy`` and ``difficult``."""
     model_label: str | None = None
+    prefix: PrefixStats | None = None
 
 
 # -- the statistics ---------------------------------------------------------------------------------
@@ -278,27 +345,31 @@ def stable_prediction_fraction(traces: TraceArrays) -> np.ndarray:
     return stable_predictions(traces.top1_id).mean(axis=0)
 
 
-def layer_stats(traces: TraceArrays, saturation_threshold: float = 0.9) -> LayerStats:
-    """Per-layer monotonicity and confidence statistics (see :class:`LayerStats`)."""
+def layer_stats(traces: TraceArrays, saturation_threshold: float = 0.9,
+                normed: bool = False) -> LayerStats:
+    """Per-layer monotonicity and confidence statistics (see :class:`LayerStats`);
+    ``normed`` takes the similarities between final-normed states."""
     _check(traces)
     final_prob = traces.final_prob.astype(np.float64)
+    cos_last = traces.cosines("last", normed)
     return LayerStats(
         stable_fraction=stable_predictions(traces.top1_id).mean(axis=0),
         final_prob_mean=final_prob.mean(axis=0),
         final_prob_std=final_prob.std(axis=0),
         nondecreasing_share=nondecreasing_from(traces.final_prob).mean(axis=0),
         top1_prob_mean=traces.top1_prob.astype(np.float64).mean(axis=0),
-        similarity_mean=traces.cos_last.astype(np.float64).mean(axis=0),
-        saturated_share=(traces.cos_last >= saturation_threshold).mean(axis=0))
+        similarity_mean=cos_last.astype(np.float64).mean(axis=0),
+        saturated_share=(cos_last >= saturation_threshold).mean(axis=0))
 
 
-def sequence_saturation(traces: TraceArrays,
-                        saturation_threshold: float = 0.9) -> SequenceSaturation:
-    """Per-token and per-sequence saturation over the compared layers ``0 .. L-2``."""
+def sequence_saturation(traces: TraceArrays, saturation_threshold: float = 0.9,
+                        normed: bool = False) -> SequenceSaturation:
+    """Per-token and per-sequence saturation over the compared layers ``0 .. L-2``
+    (``normed``: between final-normed states)."""
     _check(traces)
     starts, ends = traces.example_bounds()
     lengths = ends - starts
-    similarity = traces.cos_last[:, :-1].astype(np.float64)  # [T, L-1]
+    similarity = traces.cosines("last", normed)[:, :-1].astype(np.float64)  # [T, L-1]
     # a sum per sequence without a loop over tokens: reduceat over contiguous row runs
     curve = np.add.reduceat(similarity, starts, axis=0) / lengths[:, None]
     saturated_curve = curve >= saturation_threshold
@@ -373,17 +444,21 @@ def analyse_traces(traces: TraceArrays, settings: AnalysisSettings | None = None
     settings = settings or AnalysisSettings()
     _check(traces, f"{task}/{model}/{kind} traces")
     start_layers = scaled_start_layers(settings.increasing_from, traces.num_layers)
-    saturation = sequence_saturation(traces, settings.saturation_threshold)
+    normed = settings.states == "normed"
+    saturation = sequence_saturation(traces, settings.saturation_threshold, normed)
     split = split_easy_difficult(saturation.mean_similarity, settings.top_k)
+    prefix = prefix_stats(traces, saturation,
+                          traces.cosines("last", normed)[:, :-1].astype(np.float64),
+                          settings.top_k)
     groups = {name: group_stats(name, saturation, chosen, start_layers) for name, chosen in (
         ("all", np.arange(saturation.num_sequences)), ("easy", split.easy),
         ("difficult", split.difficult))}
     return TraceAnalysis(model=model, kind=kind, task=task, num_layers=traces.num_layers,
                          num_tokens=traces.num_tokens, settings=settings,
                          start_layers=start_layers,
-                         layers=layer_stats(traces, settings.saturation_threshold),
+                         layers=layer_stats(traces, settings.saturation_threshold, normed),
                          sequences=saturation, split=split, groups=groups,
-                         model_label=model_label)
+                         model_label=model_label, prefix=prefix)
 
 
 # -- tables ------------------------------------------------------------------------------------------
@@ -406,6 +481,9 @@ TABLE_CAPTIONS = {
               "all, easy and difficult sequences (each sequence weighted equally).",
     "sequences": "Every sequence: length, mean similarity, first saturated layer (-1: never), "
                  "number of saturated layers, group, and the strictly-increasing indicators.",
+    "prefix": "By prefix length (a token's position: tokens generated before it): tokens, "
+              "their mean similarity with the last layer over compared layers, and the share "
+              "never saturated (the study's 'longer sequences are easier').",
 }
 """What each table measures (shown on the leaderboard and in the README)."""
 
@@ -418,9 +496,15 @@ def analysis_tables(analyses: Sequence[TraceAnalysis]) -> dict[str, Any]:
     """``pandas.DataFrame`` tables of several analyses (one row set per model and kind)."""
     import pandas as pd
 
-    layers, groups, increasing, curves, sequences = [], [], [], [], []
+    layers, groups, increasing, curves, sequences, prefixes = [], [], [], [], [], []
     for a in analyses:
         key = {"task": a.task, "model": a.model, "kind": a.kind}
+        if a.prefix is not None:
+            for i, length in enumerate(a.prefix.prefix_length):
+                prefixes.append({**key, "prefix_length": int(length),
+                                 "num_tokens": int(a.prefix.num_tokens[i]),
+                                 "mean_similarity": a.prefix.mean_similarity[i],
+                                 "share_never_saturated": a.prefix.share_never_saturated[i]})
         stats = a.layers
         for layer in range(a.num_layers):
             layers.append({**key, "layer": layer,
@@ -469,7 +553,7 @@ def analysis_tables(analyses: Sequence[TraceAnalysis]) -> dict[str, Any]:
     return {"layers": pd.DataFrame(layers), "groups": pd.DataFrame(groups),
             "increasing": pd.DataFrame(increasing), "curves": pd.DataFrame(curves),
             "sequences": pd.concat(sequences, ignore_index=True) if sequences
-            else pd.DataFrame()}
+            else pd.DataFrame(), "prefix": pd.DataFrame(prefixes)}
 
 
 def _records(frame) -> list[dict[str, Any]]:
@@ -666,7 +750,13 @@ def summarise(a: TraceAnalysis) -> dict[str, Any]:
             "num_sequences": a.sequences.num_sequences,
             "settings": {"saturation_threshold": a.settings.saturation_threshold,
                          "top_k": a.settings.top_k,
-                         "increasing_from": list(a.settings.increasing_from)},
+                         "increasing_from": list(a.settings.increasing_from),
+                         "states": a.settings.states},
+            "prefix": None if a.prefix is None else {
+                "spearman": _rounded(a.prefix.spearman), "k": a.prefix.k,
+                "mean_prefix_all": _rounded(a.prefix.mean_prefix_all),
+                "mean_prefix_easy": _rounded(a.prefix.mean_prefix_easy),
+                "mean_prefix_difficult": _rounded(a.prefix.mean_prefix_difficult)},
             "start_layers": list(a.start_layers), "k": a.split.k,
             "stable_fraction": _rounded(a.layers.stable_fraction),
             "final_prob_mean": _rounded(a.layers.final_prob_mean),
@@ -695,8 +785,8 @@ def summary_markdown(analyses: Sequence[TraceAnalysis], header: str = "") -> str
         lines += [f"## {a.model}, {a.kind}{label}", "",
                   f"{a.sequences.num_sequences} sequences, {a.num_tokens} tokens, "
                   f"{a.num_layers} layers; saturation threshold "
-                  f"{a.settings.saturation_threshold:g}; K = {a.split.k} (asked "
-                  f"{a.split.k_requested}).", "",
+                  f"{a.settings.saturation_threshold:g} on {a.settings.states} states; K = "
+                  f"{a.split.k} (asked {a.split.k_requested}).", "",
                   "| layer | " + " | ".join(str(i) for i in range(a.num_layers)) + " |",
                   "| --- |" + " ---: |" * a.num_layers,
                   "| stable top-1 | " + " | ".join(_fmt(v) for v in a.layers.stable_fraction)
@@ -723,6 +813,13 @@ def summary_markdown(analyses: Sequence[TraceAnalysis], header: str = "") -> str
                          + " | ".join(f"{_fmt(q)} / {_fmt(t)}" for q, t in
                                       zip(s.increasing_sequences, s.increasing_tokens))
                          + " |")
+        if a.prefix is not None:
+            lines += ["", f"Prefix length (tokens before a token): Spearman correlation with "
+                          f"the token's mean similarity {_fmt(a.prefix.spearman, 3)}; mean "
+                          f"prefix length of the {a.prefix.k} easiest tokens "
+                          f"{_fmt(a.prefix.mean_prefix_easy, 1)}, of the {a.prefix.k} most "
+                          f"difficult {_fmt(a.prefix.mean_prefix_difficult, 1)}, of all "
+                          f"{_fmt(a.prefix.mean_prefix_all, 1)}."]
         lines.append("")
     return "\n".join(lines)
 
@@ -787,7 +884,8 @@ def settings_from_config(config) -> AnalysisSettings:
     section = config.analysis
     return AnalysisSettings(saturation_threshold=section.saturation_threshold,
                             top_k=section.top_k,
-                            increasing_from=tuple(section.increasing_from))
+                            increasing_from=tuple(section.increasing_from),
+                            states=section.states)
 
 
 def analyse_config(config, *, models: Sequence[Any] | None = None,

@@ -52,6 +52,34 @@ class TaskConfig(_Strict):
     fit_split: str | None = None
     """Split whose traces fit learned measures (kept apart from ``split``); ``None``: no fitting."""
     fit_limit: int | None = Field(default=None, ge=1)
+    calibration_split: str | None = None
+    """Split whose traces calibrate thresholds (``calibration:``; kept apart from ``split``)."""
+    calibration_limit: int | None = Field(default=None, ge=1)
+
+
+class ScheduleConfig(_Strict):
+    """How the threshold depends on the token (:mod:`suite.schedules`)."""
+
+    kind: Literal["constant", "calm_decay", "free_adaptive"] = "constant"
+    """``constant``; ``calm_decay`` (CALM's ``lambda e^(-tau t/N) / 10 + 9 lambda / 10``);
+    ``free_adaptive`` (FREE's beta-mixture threshold, refitted while decoding; FREE's
+    measure only)."""
+    tau: float = Field(default=4.0, ge=0)
+    """``calm_decay``: t5x's ``position_temp`` (4 in CALM and in every run of the study)."""
+    max_length: int | None = Field(default=None, ge=1)
+    """``calm_decay``: ``N`` (t5x's ``max_decode_length``); ``None``: the task's
+    ``max_new_tokens``."""
+    position_offset: int = Field(default=0, ge=0)
+    """``calm_decay``: ``t = position + offset`` (0: t5x's loop index; 1: FREE's ``pos_time``)."""
+    max_refits: int = Field(default=300, ge=0)
+    """``free_adaptive``: FREE's ``bmm_update_max_iter``."""
+
+    @property
+    def label(self) -> str:
+        """What the schedule adds to a measure's display name ('' for constant)."""
+        if self.kind == "calm_decay":
+            return f"decay tau={self.tau:g}"
+        return "adaptive" if self.kind == "free_adaptive" else ""
 
 
 class MeasureConfig(_Strict):
@@ -65,12 +93,21 @@ class MeasureConfig(_Strict):
     several option sets)."""
     min_layer: int = Field(default=0, ge=0)
     """No exit before this layer (0-based)."""
+    min_position: int = Field(default=0, ge=0)
+    """No exit for tokens at positions below this (0-based; the study's ``min_exit_seq_len``)."""
+    schedule: ScheduleConfig | None = None
+    """The threshold schedule (``None``: constant); the swept thresholds are its base."""
     thresholds: list[float] | None = None
     """Overrides the measure's own sweep."""
 
     @property
     def display_name(self) -> str:
-        return self.label or self.name
+        """The label, else the name with the schedule (``softmax_margin (decay tau=4)``), so
+        a decayed variant is its own series."""
+        if self.label:
+            return self.label
+        suffix = self.schedule.label if self.schedule is not None else ""
+        return f"{self.name} ({suffix})" if suffix else self.name
 
 
 class TokenizerConfig(_Strict):
@@ -102,6 +139,9 @@ class TrainConfig(_Strict):
     max_source_tokens: int | None = Field(default=None, ge=2)
     max_target_tokens: int | None = Field(default=None, ge=2)
     shallow_layer: int | None = Field(default=None, ge=1)
+    """FREE: shallow layers, 1-based (default ``L / 4``, FREE's 6 of 24)."""
+    layer_map: Literal["dyna", "uniform", "last"] = "dyna"
+    """FREE: the distillation layer map (FREE's default ``dyna``)."""
     seed: int = 0
 
 
@@ -142,6 +182,8 @@ class AnalysisConfig(_Strict):
     increasing_from: list[int] = Field(default_factory=lambda: [0, 4, 8])
     """Start layers of the strictly-increasing-similarity indicators, given for a 24-layer
     model and scaled to shallower ones."""
+    states: Literal["normed", "raw"] = "normed"
+    """Saturation cosines between final-normed states (the study's) or un-normed ones."""
     kinds: list[Literal["generated", "forced"]] = Field(default_factory=lambda: ["generated",
                                                                                  "forced"])
     """Trace kinds analysed: the model's own generations, reference-forced traces."""
@@ -193,6 +235,33 @@ class UncertaintyConfig(_Strict):
 
     resamples: int = Field(default=1000, ge=2)
     confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
+class CalibrationTarget(_Strict):
+    """One guarantee to calibrate for (:mod:`suite.calibration`)."""
+
+    measure: str
+    """A measure of the config, by its display name (``softmax_margin (decay tau=4)``)."""
+    risk: Literal["consistency_01", "consistency_rougeL", "task_loss"] = "consistency_01"
+    """Textual consistency with the full model (0/1, or ``1 - ROUGE-L``), or risk
+    consistency (the task loss's increase over the full model's)."""
+    epsilon: float = Field(gt=0, lt=1)
+    """Risk level to control."""
+    delta: float = Field(default=0.1, gt=0, lt=1)
+    """The guarantee holds with probability at least ``1 - delta``."""
+    thresholds: list[float] | None = None
+    """Candidate base thresholds; ``None``: the measure's sweep refined to ``num_thresholds``."""
+
+
+class CalibrationConfig(_Strict):
+    """``exitbench calibrate``: Learn-then-Test thresholds on ``tasks[].calibration_split``."""
+
+    targets: list[CalibrationTarget] = Field(min_length=1)
+    num_thresholds: int = Field(default=101, ge=0)
+    """Evenly spaced candidates added to the measure's sweep."""
+    validity_splits: int = Field(default=1000, ge=0)
+    """Random calibration/test splits of the evaluated split's traces on which the share of
+    test risks above epsilon is reported (0: skip)."""
+    calibration_fraction: float = Field(default=0.5, gt=0, lt=1)
+    """Share of examples in the calibration half of each random split."""
 
 
 class SuiteConfig(_Strict):
@@ -224,6 +293,9 @@ class SuiteConfig(_Strict):
     online: OnlineConfig = Field(default_factory=OnlineConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
     uncertainty: UncertaintyConfig = Field(default_factory=UncertaintyConfig)
+    calibration: CalibrationConfig | None = None
+    """Thresholds with a statistical guarantee (``exitbench calibrate``, and ``exitbench run``
+    when set)."""
     extra: dict[str, Any] = Field(default_factory=dict)
     """Free-form settings for later stages (training, replay); kept in the manifest."""
 
@@ -335,7 +407,9 @@ def _model_for(loc: tuple[Any, ...]) -> type[BaseModel]:
                       "measures": MeasureConfig, "tokenizer": TokenizerConfig,
                       "train": TrainConfig, "analysis": AnalysisConfig,
                       "online": OnlineConfig, "sandbox": SandboxConfig,
-                      "uncertainty": UncertaintyConfig}.get(str(item))
+                      "uncertainty": UncertaintyConfig, "schedule": ScheduleConfig,
+                      "calibration": CalibrationConfig,
+                      "targets": CalibrationTarget}.get(str(item))
         if annotation is None:
             break
         model = annotation
@@ -365,6 +439,18 @@ def _check_names(config: SuiteConfig, path: str) -> None:
     labels = [m.display_name for m in config.measures]
     for dup in sorted({n for n in labels if labels.count(n) > 1}):
         errors.append(f"{path}: measures: {dup!r} appears twice; give one a distinct 'label'")
+    for i, target in enumerate(config.calibration.targets if config.calibration else []):
+        if target.measure not in labels:
+            from suite.registry import closest_names
+
+            close = closest_names(target.measure, labels, n=1)
+            errors.append(f"{path}: calibration.targets[{i}].measure: {target.measure!r} is not "
+                          f"a measure of this config" + (f" (did you mean {close[0]!r}?)"
+                                                          if close else "")
+                          + f"; use one of {', '.join(labels) or '(none)'}")
+    if config.calibration and not any(t.calibration_split for t in config.tasks):
+        errors.append(f"{path}: calibration: no task has a calibration_split; set "
+                      f"tasks[].calibration_split to a split disjoint from the evaluated one")
     model_names = [m.name for m in config.models]
     for dup in sorted({n for n in model_names if model_names.count(n) > 1}):
         errors.append(f"{path}: models: the name {dup!r} is used twice; names must be unique")

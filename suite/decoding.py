@@ -30,8 +30,10 @@ import torch.nn.functional as F
 
 from suite.errors import ExitbenchError
 from suite.models import DecoderAdapter
-from suite.traces import LAYER_FIELDS, TraceArrays
+from suite.traces import LAYER_FIELDS, OPTIONAL_LAYER_FIELDS, TraceArrays
 
+RECORDED_LAYER_FIELDS = {**LAYER_FIELDS, **OPTIONAL_LAYER_FIELDS}
+"""Every per-layer field recording writes."""
 LOGIT_CHUNK_ELEMENTS = 1 << 25
 """Cap on ``layers x tokens x vocab`` logits held at once (128 MiB in float32)."""
 
@@ -60,6 +62,8 @@ class LayerStats:
     cos_prev: torch.Tensor
     cos_last: torch.Tensor
     final_prob: torch.Tensor
+    cos_prev_normed: torch.Tensor
+    cos_last_normed: torch.Tensor
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,6 +106,9 @@ def layer_statistics(adapter: DecoderAdapter, states: torch.Tensor) -> LayerStat
     as_float = states.float()
     cos_prev = F.cosine_similarity(as_float[1:], as_float[:-1], dim=-1)  # [L, N]
     cos_last = F.cosine_similarity(as_float[1:], as_float[-1:], dim=-1)
+    normed = adapter.exit_norm(-1, states).float()  # the study compares final-normed states
+    cos_prev_normed = F.cosine_similarity(normed[1:], normed[:-1], dim=-1)
+    cos_last_normed = F.cosine_similarity(normed[1:], normed[-1:], dim=-1)
     vocab = adapter.dims.vocab_size
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // max(1, layers * vocab))
     top1_id, top1_prob, top2_prob, final_prob = [], [], [], []
@@ -120,7 +127,8 @@ def layer_statistics(adapter: DecoderAdapter, states: torch.Tensor) -> LayerStat
 
     return LayerStats(top1_id=joined(top1_id), top1_prob=joined(top1_prob),
                       top2_prob=joined(top2_prob), cos_prev=cos_prev.T, cos_last=cos_last.T,
-                      final_prob=joined(final_prob))
+                      final_prob=joined(final_prob), cos_prev_normed=cos_prev_normed.T,
+                      cos_last_normed=cos_last_normed.T)
 
 
 def _run_all_layers(adapter: DecoderAdapter, state, input_ids: torch.Tensor) -> torch.Tensor:
@@ -167,7 +175,7 @@ def greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
 def _to_trace_arrays(stats: LayerStats, final_id: torch.Tensor, example_id: np.ndarray,
                      position: np.ndarray, gold_id: np.ndarray) -> TraceArrays:
     fields = {name: getattr(stats, name).cpu().numpy().astype(dtype, copy=False)
-              for name, dtype in LAYER_FIELDS.items()}
+              for name, dtype in RECORDED_LAYER_FIELDS.items()}
     return TraceArrays(example_id=example_id, position=position.astype(np.int32),
                        final_id=final_id.cpu().numpy().astype(np.int32),
                        gold_id=gold_id.astype(np.int32), **fields)
@@ -217,7 +225,7 @@ def traced_greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
     # [steps, B, ...] -> rows in (example, position) order, finished rows dropped.
     recorded = torch.stack(step_alive, 1)  # [B, steps]
     stacked = LayerStats(**{name: torch.stack([getattr(s, name) for s in step_stats], 1)
-                            [recorded] for name in LAYER_FIELDS})
+                            [recorded] for name in RECORDED_LAYER_FIELDS})
     counts = recorded.sum(1).cpu().numpy()
     position = positions_from_counts(counts)
     return _to_trace_arrays(stacked, stacked.top1_id[:, -1], np.repeat(ids, counts), position,

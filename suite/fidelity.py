@@ -324,7 +324,8 @@ def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
         operation_costs,
         price_replay,
     )
-    from suite.replay import replay, replayed_tokens
+    from suite.replay import replayed_tokens
+    from suite.schedules import build_schedule, replay_scheduled, schedule_extra
     from suite.sweep import HiddenStateLoader, SweepInputs, fitted_measure, model_info
 
     config, adapter = ctx.config, ctx.adapter
@@ -337,7 +338,13 @@ def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
     hidden = HiddenStateLoader(ctx.model_config.path, config.data_dir)
     measure = fitted_measure(measure_config, inputs, hidden,
                              fit_cache_dir=Path(config.output_dir) / "measures", seed=config.seed)
-    ExitPolicy(measure, 0.0, measure_config.min_layer).check(num_layers)
+    schedule = build_schedule(measure_config.schedule, ctx.task.limits.max_new_tokens)
+
+    def policy_at(threshold: float) -> ExitPolicy:
+        return ExitPolicy(measure, threshold, measure_config.min_layer, schedule,
+                          measure_config.min_position)
+
+    policy_at(0.0).check(num_layers)
     thresholds = online_thresholds(config, measure_config, measure, num_layers)
     eos = adapter.eos_token_id
     info = model_info(ctx.model_config.path)
@@ -345,7 +352,9 @@ def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
     replay_exits = replay_rows = None
     if ctx.traces is not None:
         traces = hidden(_eval_dir(config, ctx)) if "hidden" in measure.reads else ctx.traces
-        replay_exits = replay(measure.scores(traces), thresholds, measure_config.min_layer).exits
+        replay_exits = replay_scheduled(ctx.traces, measure.scores(traces), thresholds, schedule,
+                                        measure_config.min_layer, measure_config.min_position,
+                                        measure).exits
         replay_rows = replayed_tokens(ctx.traces, replay_exits)
         example_index = example_index_from_ids(ctx.traces.example_id)
     costs = (operation_costs(ctx.profile, info.dims, config.dtype, info.gated_ffn,
@@ -358,7 +367,7 @@ def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
         for k, threshold in enumerate(thresholds):
             if progress:
                 progress(f"{name} threshold {threshold:g} batch {batch_size}")
-            policy = ExitPolicy(measure, threshold, measure_config.min_layer)
+            policy = policy_at(threshold)
             timing = timed_pairs(ctx, batch_size, policy, config.online.repeats)
             run = timing.online
             full_sequences = per_example(timing.full.traces, timing.full.traces.final_id)
@@ -450,7 +459,8 @@ def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
                 speedup=float(timing.speedup), num_examples=len(ctx.examples),
                 num_tokens=int(run.num_tokens), traces_hash=ctx.traces_hash,
                 measure_code_hash=code_hash(type(measure)),
-                extra={"model_dims": info.dims.__dict__, "device": config.device,
+                extra={**schedule_extra(measure_config, schedule),
+                       "model_dims": info.dims.__dict__, "device": config.device,
                        "measured_on": _machine(), "repeats": config.online.repeats,
                        "fidelity": {k2: v for k2, v in entry.items()
                                     if k2 not in ("measure", "threshold", "batch_size")}},

@@ -11,10 +11,14 @@ this module holds what they share:
   reference token, ``top1_id[:, l] == gold_id``, from reference-forced traces; rows without a
   reference, ``gold_id == -1``, are left out).
 - **Training**: Adam, shuffled mini-batches of tokens (all their layers at once), a fixed
-  number of epochs (5 by default, as in the study), class-balanced cross-entropy (each class
-  weighted by ``n / (2 n_class)`` so the rarer class counts as much as the common one), only
-  on the layers where the measure checks (never the last, which exits unconditionally).
-  Seeded: the same data, options and seed give the same weights.
+  number of epochs (5 by default, as in the study), class-balanced cross-entropy, only on the
+  layers where the measure checks (never the last, which exits unconditionally). Option
+  ``balance``: ``"classes"`` (each class weighted by ``n / (2 n_class)`` over all pairs, so
+  the rarer class counts as much as the common one) or ``"per_layer"`` (CALM's meta
+  classifier, t5x ``loss_fn_meta_cls``: at each layer, positives weighted by the layer's
+  share of negatives and negatives by its share of positives, ``1 - n_class,l / n_l``; CALM
+  counts per batch, here per layer over the training set). Seeded: the same data, options
+  and seed give the same weights.
 - **Inputs**: each hidden state is RMS-normalised (as T5's final norm does, without its
   weight; T5's un-normed states grow with depth) and then standardised per dimension with
   statistics of the training set. The standardisation folds into the first linear layer at
@@ -85,6 +89,28 @@ LABELS: dict[str, Callable[[TraceArrays], tuple[np.ndarray, np.ndarray]]] = {
 }
 
 
+BALANCES = ("classes", "per_layer")
+"""How the training loss balances the two classes (see the module docstring)."""
+
+
+def pair_weights(label_matrix: np.ndarray, trainable: np.ndarray, balance: str) -> np.ndarray:
+    """``[T, L]`` loss weight of each (token, layer) pair (0 where not trained)."""
+    label = label_matrix.astype(bool) & trainable
+    if balance == "per_layer":  # CALM: within each layer, 1 - (the class's share)
+        count = trainable.sum(axis=0).astype(np.float64)
+        positives = label.sum(axis=0).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            weight_pos = np.where(count > 0, (count - positives) / count, 0.0)
+            weight_neg = np.where(count > 0, positives / count, 0.0)
+        weights = np.where(label, weight_pos[None, :], weight_neg[None, :])
+    else:
+        num_pairs = int(trainable.sum())
+        positives = int(label.sum())
+        weights = np.where(label, num_pairs / (2.0 * positives),
+                           num_pairs / (2.0 * (num_pairs - positives)))
+    return np.where(trainable, weights, 0.0).astype(np.float32)
+
+
 # -- options and results --------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainingOptions:
@@ -102,6 +128,8 @@ class TrainingOptions:
     """Seeds the initial weights and the shuffling."""
     label: str = "consistent"
     """``"consistent"`` (top-1 equals the final token) or ``"gold"`` (equals the reference)."""
+    balance: str = "classes"
+    """``"classes"`` (over all pairs) or ``"per_layer"`` (CALM's, within each layer)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -118,6 +146,8 @@ class TrainingOptions:
             problems.append(f"seed={self.seed!r} must be an integer")
         if self.label not in LABELS:
             problems.append(f"label={self.label!r} is not one of {', '.join(sorted(LABELS))}")
+        if self.balance not in BALANCES:
+            problems.append(f"balance={self.balance!r} is not one of {', '.join(BALANCES)}")
         if problems:
             raise ExitbenchError("invalid training options for a learned measure: "
                                  + "; ".join(problems))
@@ -157,12 +187,16 @@ class LearnedMeasure(Measure):
     first_scored_layer: ClassVar[int] = 0
     """Layers below this have no score (``-inf``) and are never checked."""
 
+    default_balance: ClassVar[str] = "classes"
+    """The measure's default for the ``balance`` option."""
+
     def __init__(self, *, epochs: int = 5, batch_size: int = 256, learning_rate: float = 1e-3,
                  weight_decay: float = 0.0, seed: int = 0, label: str = "consistent",
-                 cache_dir: str | Path | None = None):
+                 balance: str | None = None, cache_dir: str | Path | None = None):
         self.training = TrainingOptions(epochs=epochs, batch_size=batch_size,
                                         learning_rate=learning_rate, weight_decay=weight_decay,
-                                        seed=seed, label=label)
+                                        seed=seed, label=label,
+                                        balance=balance or self.default_balance)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.network: nn.Module | None = None
         self.norm_mean: torch.Tensor | None = None
@@ -302,9 +336,11 @@ class LearnedMeasure(Measure):
                 f"{'no (token, layer) pairs' if num_pairs == 0 else 'only one class'} "
                 f"({positives} of {num_pairs} pairs labelled good enough to exit, "
                 f"label={options.label!r}); train on more or more varied traces")
-        # class-balanced cross-entropy: weight n / (2 n_c) per class
-        class_weight = torch.tensor([num_pairs / (2.0 * (num_pairs - positives)),
-                                     num_pairs / (2.0 * positives)], dtype=torch.float32)
+        weights_all = torch.from_numpy(pair_weights(label_matrix, trainable, options.balance))
+        if not float(weights_all.sum()) > 0:
+            raise ExitbenchError(f"measure {self.name!r}: balance={options.balance!r} gives "
+                                 f"every pair weight 0 (no layer has both classes); train on "
+                                 f"more varied traces or use balance='classes'")
         self.d_model = d_model
         self.norm_mean, self.norm_std = _standardisation(hidden)
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
@@ -325,11 +361,14 @@ class LearnedMeasure(Measure):
                 mask = mask_all[rows]
                 if not mask.any():
                     continue
+                weight = weights_all[rows][mask]
+                batch_weight = weight.sum()
+                if not float(batch_weight) > 0:
+                    continue
                 logits = self.network(self._normalise(torch.from_numpy(hidden[rows])))
                 targets = labels_all[rows][mask]
-                loss_sum = nn.functional.cross_entropy(logits[mask], targets,
-                                                       weight=class_weight, reduction="sum")
-                batch_weight = class_weight[targets].sum()
+                loss_sum = (weight * nn.functional.cross_entropy(logits[mask], targets,
+                                                                 reduction="none")).sum()
                 optimiser.zero_grad()
                 (loss_sum / batch_weight).backward()
                 optimiser.step()

@@ -18,6 +18,9 @@ only through this contract:
   ``-inf`` there. A measure whose decision costs nothing at run time (a static
   exit layer, the oracle) may check nowhere and still exit.
 - :meth:`Measure.thresholds_for`: the threshold sweep for a model depth.
+- :meth:`Measure.adapt_to`: called once with the :class:`Backbone` the measure runs on
+  (what the model folder records about how it was trained), before fitting or scoring;
+  the FREE measure reads the shallow layer its backbone was trained to exit at.
 
 Options: a measure's constructor takes its options as keyword arguments with
 defaults (``MyMeasure(hidden_size=64)``); the engine instantiates the class with
@@ -49,6 +52,7 @@ MEASURES_DIR = Path(__file__).resolve().parent.parent / "measures"
 
 TRACE_FIELDS: frozenset[str] = frozenset({
     "top1_id", "top1_prob", "top2_prob", "cos_prev", "cos_last", "final_prob",  # [T, L]
+    "cos_prev_normed", "cos_last_normed",  # [T, L], final-normed states
     "example_id", "position", "final_id", "gold_id",  # per token [T]
     "hidden",  # per layer [T, L, d_model], re-materialised on demand
 })
@@ -73,6 +77,21 @@ class ModelDims:
     num_heads: int
     d_kv: int
     vocab_size: int
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """What the model folder records about how a backbone was trained (see
+    :func:`suite.training.read_backbone`); every field is ``None`` for a checkpoint the
+    suite did not train (a hub id, a folder without ``exitbench_model.json``)."""
+
+    path: str
+    """The model path of the config (folder or hub id)."""
+    objective: str | None = None
+    """The training objective (``vanilla``, ``calm``, ``free``, ...)."""
+    shallow_layer: int | None = None
+    """FREE: the number of shallow decoder layers it was trained with (1-based, so the
+    shallow exit is 0-based layer ``shallow_layer - 1``)."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +147,12 @@ class Measure(abc.ABC):
         mask = np.ones(num_layers, dtype=bool)
         mask[-1] = False
         return mask
+
+    def adapt_to(self, backbone: Backbone) -> None:
+        """Take what the measure needs from the backbone it runs on (called by the engine
+        before :meth:`fit` and :meth:`scores`); by default nothing. Raise
+        :class:`suite.errors.ExitbenchError` when the options contradict the backbone."""
+        return None
 
     def thresholds_for(self, num_layers: int) -> tuple[float, ...]:
         """The threshold sweep for a model with ``num_layers`` decoder layers. By default the

@@ -120,6 +120,11 @@ class DecoderAdapter(Protocol):
         the checkpoint's own final norm, scaling and LM head."""
         ...
 
+    def exit_norm(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The normed state ``[..., d]`` the exit head of ``layer`` reads (the final norm,
+        with its weight; no output scaling): what the study's saturation cosines compare."""
+        ...
+
     def fill_layer(self, state: DecodeState, layer: int, hidden: torch.Tensor) -> None:
         """Append to ``layer``'s self-attention cache the K/V that layer would compute from
         ``hidden [B, T, d]`` (its norm and K/V projections only): CALM's propagation of an
@@ -292,6 +297,9 @@ class T5Adapter:
         # One shared head for every layer, so ``layer`` is unused here; adapters of models
         # with per-layer heads would use it.
         return t5_exit_logits(self.model, hidden)
+
+    def exit_norm(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.decoder.final_layer_norm(hidden)
 
     def fill_layer(self, state: T5DecodeState, layer: int, hidden: torch.Tensor) -> None:
         attention_layer = self.blocks[layer].layer[0]

@@ -35,6 +35,7 @@ they were computed, NaN / -1 elsewhere), so the trace tooling reads them.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from suite.adaptive import AdaptiveSettings, AdaptiveThreshold
 from suite.decoding import (
     DecodeOutput,
     check_example_ids,
@@ -55,10 +57,12 @@ from suite.decoding import (
 from suite.errors import ExitbenchError
 from suite.measures import Measure
 from suite.models import DecoderAdapter
+from suite.schedules import PositionSchedule
 from suite.traces import (
     LAYER_FIELDS,
     LOOK_AHEAD_LAYER_FIELDS,
     LOOK_AHEAD_TOKEN_FIELDS,
+    OPTIONAL_LAYER_FIELDS,
     TraceArrays,
 )
 
@@ -69,15 +73,39 @@ LOOK_AHEAD_FIELDS = frozenset(LOOK_AHEAD_TOKEN_FIELDS + LOOK_AHEAD_LAYER_FIELDS)
 
 @dataclass(frozen=True)
 class ExitPolicy:
-    """A measure, one threshold and the first layer allowed to exit."""
+    """A measure, one (base) threshold, its schedule, and where exits may start."""
 
     measure: Measure
     threshold: float
     min_layer: int = 0
+    schedule: PositionSchedule | AdaptiveSettings | None = None
+    """The threshold schedule (:mod:`suite.schedules`); ``None``: constant."""
+    min_position: int = 0
+    """Tokens at positions below this never exit early."""
+    adaptive: AdaptiveThreshold | None = None
+    """FREE's estimator state for a ``free_adaptive`` schedule, shared by the batches of one
+    decoding run (:meth:`fresh` makes a new one)."""
 
     @property
     def propagation(self) -> str:
         return type(self.measure).propagation
+
+    def fresh(self) -> ExitPolicy:
+        """This policy with a new estimator state (adaptive schedules), for one decoding run."""
+        if not isinstance(self.schedule, AdaptiveSettings):
+            return self
+        return dataclasses.replace(self, adaptive=AdaptiveThreshold(
+            threshold=float(self.threshold), settings=self.schedule))
+
+    def threshold_at(self, position: int) -> float:
+        """The threshold a token at ``position`` must reach (the same float64 arithmetic as
+        replay's :func:`suite.schedules.schedule_scores`)."""
+        if self.adaptive is not None:
+            return self.adaptive.threshold
+        if isinstance(self.schedule, PositionSchedule):
+            return float(self.schedule.thresholds(np.array([self.threshold], np.float64),
+                                                  np.array([position]))[0, 0])
+        return float(self.threshold)
 
     def check(self, num_layers: int) -> None:
         """Errors that say what cannot be decoded online, and why."""
@@ -97,6 +125,9 @@ class ExitPolicy:
         if self.propagation == "free" and not hasattr(self.measure, "exit_layer"):
             raise ExitbenchError(f"measure {cls.name!r} uses FREE propagation but has no "
                                  f"exit_layer(num_layers) method naming its shallow exit layer")
+        if isinstance(self.schedule, AdaptiveSettings) and self.propagation != "free":
+            raise ExitbenchError(f"measure {cls.name!r}: the free_adaptive schedule needs FREE's "
+                                 f"shallow-deep measure (free_shallow_deep)")
 
     def shallow_layer(self, num_layers: int) -> int:
         return int(self.measure.exit_layer(num_layers))  # type: ignore[attr-defined]
@@ -119,6 +150,8 @@ class LayerScorer:
         refused)."""
         self.fields = {name: np.empty((batch, layers), dtype)
                        for name, dtype in LAYER_FIELDS.items()}
+        self.fields.update({name: np.empty((batch, layers), dtype)
+                            for name, dtype in OPTIONAL_LAYER_FIELDS.items() if name in self.reads})
         self.hidden = (np.zeros((batch, layers, adapter.dims.d_model), np.float32)
                        if "hidden" in self.reads else None)
         self.head_fields = bool(self.reads & HEAD_FIELDS)
@@ -144,6 +177,10 @@ class LayerScorer:
             if "cos_prev" in self.reads:
                 self.fields["cos_prev"][:, layer] = F.cosine_similarity(
                     hidden.float(), previous.float(), dim=-1).cpu().numpy()
+            if "cos_prev_normed" in self.reads:
+                self.fields["cos_prev_normed"][:, layer] = F.cosine_similarity(
+                    self.adapter.exit_norm(layer, hidden).float(),
+                    self.adapter.exit_norm(layer, previous).float(), dim=-1).cpu().numpy()
             if self.hidden is not None:
                 self.hidden[:, layer] = hidden.float().cpu().numpy()
         return top1
@@ -194,6 +231,11 @@ def online_greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
     check_max_new_tokens(max_new_tokens)
     num_layers = adapter.num_layers
     policy.check(num_layers)
+    if isinstance(policy.schedule, AdaptiveSettings) and policy.adaptive is None:
+        policy = policy.fresh()
+    adaptive = policy.adaptive
+    if adaptive is not None:
+        adaptive.start_sequence()  # FREE refits before each generate call (a batch)
     last = num_layers - 1
     free = policy.propagation == "free"
     shallow = policy.shallow_layer(num_layers) if free else -1
@@ -205,10 +247,15 @@ def online_greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
     alive = torch.ones(batch, dtype=torch.bool, device=device)
     shallow_states = (torch.empty(batch, max_new_tokens, adapter.dims.d_model,
                                   dtype=adapter.dtype, device=device) if free else None)
+    if adaptive is not None:  # FREE's pairs: the shallow confidence and prediction per step
+        shallow_score = np.zeros((batch, max_new_tokens))
+        shallow_top1 = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
     deep_done = 0  # FREE: positions whose deep layers hold real K/V, for every row
     steps, step_exits, step_alive, step_fields = [], [], [], []
     for step in range(max_new_tokens):
         scorer.start_step(step)
+        threshold = policy.threshold_at(step)
+        may_exit = step >= policy.min_position
         hidden = adapter.begin_step(state, next_ids)
         exited = ~alive  # finished rows are frozen from the start
         exit_layer = np.full(batch, last, np.int32)
@@ -220,9 +267,12 @@ def online_greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
             if layer == last:
                 break
             top1 = scorer.observe(layer, hidden[:, -1], previous[:, -1])
-            if layer >= policy.min_layer:
-                newly = torch.from_numpy(_exits(scorer.score(layer), policy.threshold)
-                                         ).to(device) & ~exited
+            if layer >= policy.min_layer and may_exit:
+                layer_scores = scorer.score(layer)
+                newly = torch.from_numpy(_exits(layer_scores, threshold)).to(device) & ~exited
+                if adaptive is not None and layer == shallow:
+                    shallow_score[:, step] = layer_scores
+                    shallow_top1[:, step] = top1
                 if bool(newly.any()):
                     exit_layer[newly.cpu().numpy()] = layer
                     if top1 is not None:
@@ -240,6 +290,9 @@ def online_greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
                 deep = shallow_states[:, deep_done:step + 1]
                 for deep_layer in range(layer + 1, num_layers):
                     deep = adapter.run_layer(state, deep_layer, deep)
+                if adaptive is not None and queries > 1 and may_exit:
+                    _collect_pairs(adaptive, adapter, deep, ~exited, shallow_score,
+                                   shallow_top1, deep_done, step)
                 deep_done = step + 1
                 hidden = torch.where(exited[:, None, None], hidden, deep[:, -1:])
                 break
@@ -266,6 +319,21 @@ def online_greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
     return OnlineOutput(decoded=_decoded(steps, step_alive),
                         traces=_online_traces(ids, steps, step_exits, step_alive, step_fields),
                         state=state)
+
+
+def _collect_pairs(adaptive: AdaptiveThreshold, adapter: DecoderAdapter, deep: torch.Tensor,
+                   went_deep: torch.Tensor, shallow_score: np.ndarray,
+                   shallow_top1: torch.Tensor, first: int, step: int) -> None:
+    """FREE's calibration pairs of a deep step with pending tokens (positions ``first`` to
+    ``step``): for each row that went deep, each token's shallow confidence and whether its
+    shallow prediction equals the deep one (the parallel pass's, ``deep`` at the last
+    layer)."""
+    rows = went_deep.nonzero().flatten()
+    if rows.numel() == 0:
+        return
+    deep_top1 = adapter.exit_logits(adapter.num_layers - 1, deep[rows]).argmax(dim=-1)
+    same = (deep_top1 == shallow_top1[rows, first:step + 1]).cpu().numpy()
+    adaptive.add_pairs(shallow_score[rows.cpu().numpy(), first:step + 1], same)
 
 
 def _decoded(steps: list[torch.Tensor], step_alive: list[torch.Tensor]) -> DecodeOutput:
@@ -362,6 +430,7 @@ def decode_examples(adapter: DecoderAdapter, sources: Sequence[Sequence[int]],
                     policy: ExitPolicy | None) -> OnlineRun:
     """Decode every example in order, ``batch_size`` at a time; ``policy=None`` decodes at
     full depth with :func:`suite.decoding.greedy_decode` (the baseline of the speedup)."""
+    policy = policy.fresh() if policy is not None else None
     return _joined([_decode_batch(adapter, batch, ids, max_new_tokens, policy)
                     for batch, ids in _batches(sources, example_ids, batch_size)])
 
@@ -372,6 +441,7 @@ def decode_paired(adapter: DecoderAdapter, sources: Sequence[Sequence[int]],
     """``(full depth, early exit)`` runs of the same examples, timed batch by batch side by
     side (the two decodes of a batch run back to back, in alternating order), so that a
     shared machine's drift, which moves both alike, cancels in their ratio."""
+    policy = policy.fresh()
     full, online = [], []
     for index, (batch, ids) in enumerate(_batches(sources, example_ids, batch_size)):
         order = (None, policy) if index % 2 == 0 else (policy, None)

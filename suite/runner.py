@@ -177,9 +177,10 @@ def uses_fitting(config: SuiteConfig) -> bool:
 def trace_dir(output_dir: str | Path, task: str, model: str, role: str = "eval",
               kind: str = "generated") -> Path:
     """``<out>/traces/<task>/<model>/<kind>`` for the evaluated split; learned measures'
-    fit split lives in ``<out>/traces/<task>/<model>/fit/<kind>``."""
+    fit split lives in ``<out>/traces/<task>/<model>/fit/<kind>``, the calibration split in
+    ``.../calibration/<kind>``."""
     base = Path(output_dir) / "traces" / file_stem(task) / file_stem(model)
-    return base / kind if role == "eval" else base / "fit" / kind
+    return base / kind if role == "eval" else base / file_stem(role) / kind
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,11 @@ def record_jobs(config: SuiteConfig) -> list[RecordJob]:
                                                    "limit": task.fit_limit})
                 jobs.append(RecordJob(fit_task, model, "fit", trace_dir(
                     config.output_dir, task.name, model.name, "fit")))
+            if config.calibration is not None and task.calibration_split:
+                calibration_task = task.model_copy(update={"split": task.calibration_split,
+                                                           "limit": task.calibration_limit})
+                jobs.append(RecordJob(calibration_task, model, "calibration", trace_dir(
+                    config.output_dir, task.name, model.name, "calibration")))
     return jobs
 
 
@@ -642,7 +648,9 @@ def collect_results(config: SuiteConfig) -> list:
                     continue
                 for row in part["rows"]:
                     rows.append(ResultRow(**{k: v for k, v in row.items() if k in names}))
-    return rows + read_online_rows(config)
+    from suite.calibration import read_calibrated_rows
+
+    return rows + read_online_rows(config) + read_calibrated_rows(config)
 
 
 def validation_failure(config: SuiteConfig, measure: MeasureConfig) -> str | None:
@@ -794,7 +802,8 @@ def ensure_backbones(config: SuiteConfig, *, progress: bool = True) -> StageRepo
                                  tasks=tuple(spec.tasks), split=spec.split, limit=spec.limit,
                                  max_source_tokens=spec.max_source_tokens,
                                  max_target_tokens=spec.max_target_tokens,
-                                 shallow_layer=spec.shallow_layer, steps=spec.steps,
+                                 shallow_layer=spec.shallow_layer, layer_map=spec.layer_map,
+                                 steps=spec.steps,
                                  batch_size=spec.batch_size, learning_rate=spec.learning_rate,
                                  seed=spec.seed)
         result = train(settings, tok.path, folder, data_dir=config.data_dir,
@@ -804,6 +813,16 @@ def ensure_backbones(config: SuiteConfig, *, progress: bool = True) -> StageRepo
                             f"{getattr(result, 'final_loss', float('nan')):.3f}")
     report.seconds = time.perf_counter() - started
     return report
+
+
+def run_calibration_stage(config: SuiteConfig) -> StageReport:
+    """Learn-then-Test thresholds of ``config.calibration`` (:mod:`suite.calibration`)."""
+    from suite.calibration import run_calibration
+
+    result = run_calibration(config)
+    return StageReport("calibrate", done=result.done, skipped=result.reused,
+                       failed=len(result.errors), seconds=result.seconds,
+                       notes=[f"{k} failed: {v}" for k, v in result.errors.items()])
 
 
 # -- validation --------------------------------------------------------------------------------------
@@ -958,6 +977,8 @@ def replay_suite(config: SuiteConfig, config_path: str | None = None, *,
                     import ray
 
                     ray.shutdown()
+        if config.calibration is not None and config.measures:
+            summary.stages.append(run_calibration_stage(config))
         if all_measures.measures:
             results_started = time.perf_counter()
             rows = publish_results(all_measures)

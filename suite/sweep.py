@@ -35,13 +35,12 @@ from suite.profiles import get_profile
 from suite.record import encode_texts
 from suite.replay import (
     ScoreCache,
-    exit_statistics,
     outputs_hash,
-    replay,
     replayed_tokens,
     sequences_by_example,
 )
 from suite.results import ResultRow
+from suite.schedules import build_schedule, replay_scheduled, schedule_extra
 from suite.tasks import TaskSpec, load_examples
 from suite.traces import TraceArrays, TraceStore, sha256_file
 from suite.uncertainty import BootstrapSettings
@@ -117,13 +116,20 @@ class SweepReport:
     ``""`` -> the full-depth output's."""
 
 
-def instantiate(config: MeasureConfig) -> Measure:
+def instantiate(config: MeasureConfig, model_path: str | None = None) -> Measure:
+    """The configured measure; with ``model_path``, adapted to that backbone
+    (:meth:`suite.measures.Measure.adapt_to` with what its model folder records)."""
     cls = get_measure(config.name)
     try:
-        return cls(**config.options)
+        measure = cls(**config.options)
     except TypeError as exc:
         raise ExitbenchError(f"measure {config.name!r}: options {config.options} are not "
                              f"accepted ({exc})") from exc
+    if model_path is not None:
+        from suite.training import read_backbone
+
+        measure.adapt_to(read_backbone(model_path))
+    return measure
 
 
 class HiddenStateLoader:
@@ -151,7 +157,7 @@ class HiddenStateLoader:
 def fitted_measure(config: MeasureConfig, inputs: SweepInputs, hidden: HiddenStateLoader, *,
                    fit_cache_dir: Path | None = None, seed: int = 0) -> Measure:
     """The configured measure, fitted on the fit split's traces when it learns."""
-    measure = instantiate(config)
+    measure = instantiate(config, inputs.model.path)
     if measure.needs_fit:
         if inputs.fit_trace_dir is None:
             raise ExitbenchError(f"measure {config.display_name!r} must be fitted, but task "
@@ -307,7 +313,8 @@ class Sweep:
         task metric and price them on every profile and batch size: the measure's rows."""
         inputs, traces, info = self.inputs, self.traces, self.info
         name = config.display_name
-        measure = _measure_call(name, "building it", lambda: instantiate(config))
+        measure = _measure_call(name, "building it",
+                                lambda: instantiate(config, inputs.model.path))
         if measure.needs_fit:
             if inputs.fit_trace_dir is None:
                 raise MeasureFailedError(f"measure {name!r} must be fitted, but task "
@@ -325,10 +332,13 @@ class Sweep:
         check_cost = _measure_call(name, "check_cost()", lambda: measure.check_cost(info.dims))
         checked = np.asarray(_measure_call(name, "checked_layers()", lambda: measure
                                            .checked_layers(traces.num_layers)), dtype=bool)
-        replayed = replay(scores, thresholds, config.min_layer)
+        schedule = build_schedule(config.schedule, inputs.task.limits.max_new_tokens)
+        replayed = replay_scheduled(traces, scores, thresholds, schedule, config.min_layer,
+                                    config.min_position, measure)
         exits = replayed.exits
         tokens = replayed_tokens(traces, exits)
-        stats = exit_statistics(traces, replayed)
+        stats = replayed.statistics
+        extra_schedule = schedule_extra(config, schedule)
         qualities = [self.quality_of(tokens[k]) for k in range(len(thresholds))]
         intervals = self.points.add_measure(name, config.min_layer, thresholds, tokens, exits)
         measure_hash = code_hash(type(measure))
@@ -368,7 +378,7 @@ class Sweep:
                         measure_code_hash=measure_hash,
                         extra={"model_dims": info.dims.__dict__,
                                "signature": qualities[k].get("signature"),
-                               **estimate},
+                               "measure_name": config.name, **extra_schedule, **estimate},
                         **intervals[k], **latency[k]))
         return rows
 

@@ -13,6 +13,11 @@ Per layer (``LAYER_FIELDS``):
   head gives to the last layer's prediction (``top1_id[:, -1]``), for the monotonicity
   analyses. Hidden states are compared before the final norm, except
   that HF's last entry is already normed: we compare un-normed states throughout.
+Per layer, optional in the arrays, always recorded (``OPTIONAL_LAYER_FIELDS``, format 3):
+  ``cos_prev_normed``, ``cos_last_normed`` (float32): the same cosines between the states
+  after the decoder's final norm (the norm the exit head applies, with its weight), as the
+  study's saturation analysis compares them (its ``decoder_hidden_states`` are
+  final-normed); for layer 0 the previous state is the normed input embedding.
 Per token (``TOKEN_FIELDS``):
   ``example_id`` (string), ``position`` (int32, 0-based decoding step),
   ``final_id`` (int32, the full-depth token), ``gold_id`` (int32, the reference
@@ -42,15 +47,19 @@ import pyarrow as pa
 from suite.atomic import atomic_write, atomic_write_json
 from suite.errors import ExitbenchError
 
-TRACE_FORMAT_VERSION = 2
+TRACE_FORMAT_VERSION = 3
 LAYER_FIELDS: dict[str, type] = {"top1_id": np.int32, "top1_prob": np.float32,
                                  "top2_prob": np.float32, "cos_prev": np.float32,
                                  "cos_last": np.float32, "final_prob": np.float32}
 TOKEN_FIELDS: dict[str, type] = {"position": np.int32, "final_id": np.int32, "gold_id": np.int32}
 OPTIONAL_TOKEN_FIELDS: dict[str, type] = {"exit_layer": np.int32}
+OPTIONAL_LAYER_FIELDS: dict[str, type] = {"cos_prev_normed": np.float32,
+                                          "cos_last_normed": np.float32}
+"""Per-layer fields that recording always writes (format 3) but arrays built elsewhere may
+lack (``None``)."""
 LOOK_AHEAD_TOKEN_FIELDS: tuple[str, ...] = ("final_id", "gold_id")
 """Per-token fields not known while decoding: the last layer's top-1, the reference."""
-LOOK_AHEAD_LAYER_FIELDS: tuple[str, ...] = ("cos_last", "final_prob")
+LOOK_AHEAD_LAYER_FIELDS: tuple[str, ...] = ("cos_last", "final_prob", "cos_last_normed")
 """Per-layer fields that depend on the last layer at every layer (its hidden state, its
 prediction): measures that read them look ahead, like the oracle."""
 
@@ -74,6 +83,10 @@ class TraceArrays:
     cos_prev: np.ndarray
     cos_last: np.ndarray
     final_prob: np.ndarray
+    cos_prev_normed: np.ndarray | None = None
+    """Optional ``[T, L]`` ``cos_prev`` between final-normed states (recorded traces have it)."""
+    cos_last_normed: np.ndarray | None = None
+    """Optional ``[T, L]`` ``cos_last`` between final-normed states (recorded traces have it)."""
     exit_layer: np.ndarray | None = None
     """Optional ``[T]`` exit layer of each token, in traces of online early-exit decoding."""
     hidden: np.ndarray | None = None
@@ -86,6 +99,16 @@ class TraceArrays:
     @property
     def num_layers(self) -> int:
         return int(self.top1_id.shape[1])
+
+    def cosines(self, which: str, normed: bool) -> np.ndarray:
+        """``cos_prev`` / ``cos_last`` (``which``: ``prev`` or ``last``) between un-normed or,
+        with ``normed``, final-normed states; a clear error when the traces lack them."""
+        name = f"cos_{which}" + ("_normed" if normed else "")
+        value = getattr(self, name)
+        if value is None:
+            raise ExitbenchError(f"these traces have no {name} (traces recorded before trace "
+                                 f"format 3, or built without it); record them again")
+        return value
 
     def example_ids(self) -> list[str]:
         """Distinct example ids in row order."""
@@ -110,8 +133,8 @@ class TraceArrays:
 
     def validate(self) -> None:
         n, layers = self.top1_id.shape
-        for name in LAYER_FIELDS:
-            if getattr(self, name).shape != (n, layers):
+        for name in (*LAYER_FIELDS, *OPTIONAL_LAYER_FIELDS):
+            if getattr(self, name) is not None and getattr(self, name).shape != (n, layers):
                 raise ValueError(f"trace field {name} has shape {getattr(self, name).shape}, "
                                  f"expected {(n, layers)}")
         for name in ("example_id", *TOKEN_FIELDS, *OPTIONAL_TOKEN_FIELDS):
@@ -141,7 +164,9 @@ def to_table(traces: TraceArrays) -> pa.Table:
     for name, dtype in OPTIONAL_TOKEN_FIELDS.items():
         if getattr(traces, name) is not None:
             columns[name] = pa.array(np.ascontiguousarray(getattr(traces, name), dtype=dtype))
-    for name, dtype in LAYER_FIELDS.items():
+    for name, dtype in (*LAYER_FIELDS.items(), *OPTIONAL_LAYER_FIELDS.items()):
+        if getattr(traces, name) is None:
+            continue
         flat = pa.array(np.ascontiguousarray(getattr(traces, name), dtype=dtype).reshape(-1))
         columns[name] = pa.FixedSizeListArray.from_arrays(flat, layers)
     table = pa.table(columns)
@@ -165,7 +190,9 @@ def from_table(table: pa.Table) -> TraceArrays:
         if name in table.column_names:
             values[name] = table.column(name).combine_chunks().to_numpy().astype(dtype,
                                                                                  copy=False)
-    for name, dtype in LAYER_FIELDS.items():
+    for name, dtype in (*LAYER_FIELDS.items(), *OPTIONAL_LAYER_FIELDS.items()):
+        if name not in table.column_names:
+            continue
         flat = table.column(name).combine_chunks().flatten().to_numpy()
         values[name] = flat.astype(dtype, copy=False).reshape(n, layers)
     return TraceArrays(**values)

@@ -11,12 +11,20 @@ Three objectives, each a pure function of (model, batch) -> :class:`LossParts`
   head after the final norm and T5's ``d_model ** -0.5`` scaling.
 - ``free`` (Bae et al. 2023, as in their released code ``util/losses.py``):
   ``L = (k CE_k + L CE_L) / (k + L) + alpha * KD`` with the shallow exit ``k``
-  (default ``round(L / 3)``) and ``alpha = kd_weight`` (default 0.5, FREE's
-  ``distill_layer_alpha``). ``KD = mean_{i=1..k} MSE(norm(h_i), sg(norm(h_m(i))))``
-  with the uniform mapping ``m(i) = round(i L / k)`` (so ``m(k) = L``), ``norm`` the
-  decoder's final norm (FREE distils normed states), ``sg`` a stop-gradient (FREE
-  detaches the teacher side), and the mean taken over elements at target positions
-  (FREE averages over every position, padding included; we leave padding out).
+  (default :func:`default_shallow_layer`, ``L / 4``: FREE's scripts train 6 of 24 layers)
+  and ``alpha = kd_weight`` (default 0.5, FREE's ``distill_layer_alpha``). The distillation
+  term compares the normed states of the shallow layers ``1..k`` (students) with those of
+  the ``k`` teacher layers :func:`teacher_layers` (FREE's ``TEACHER_LAYERS`` table where it
+  has the depth, else ``round(i L / k)``), by the ``layer_map`` (FREE's
+  ``intermediate_loss_fn``): ``dyna`` (FREE's default in every script,
+  ``shallowdeep_kd_dyna``): each teacher is matched, from the last teacher down, to the
+  closest student (lowest MSE) below the student matched to the teacher after it
+  (:func:`dyna_alignment`), and KD is the mean MSE over the matched pairs; ``uniform``
+  (``shallowdeep_kd_unif``): student ``i`` with teacher ``i``; ``last``
+  (``shallowdeep_kd_last``): student ``k`` with the last layer. ``norm`` is the decoder's
+  final norm (FREE distils normed states), the teacher side is detached (FREE detaches it),
+  and each MSE is a mean over the elements at target positions (FREE averages over every
+  position, padding included; we leave padding out).
 
 Which hidden states: HF's ``decoder_hidden_states`` has ``L + 1`` entries (``[0]`` is
 the embedding output); entries ``1..L-1`` are raw block outputs, the last is already
@@ -59,11 +67,26 @@ from suite.errors import ExitbenchError
 if TYPE_CHECKING:
     import torch
 
+    from suite.measures import Backbone
+
 # torch (and suite.models, which imports it) are imported inside the functions that use
 # them: the CLI imports this module to build its parser, and every `exitbench` command
 # would otherwise pay torch's import time.
 
 OBJECTIVES = ("vanilla", "calm", "free")
+LAYER_MAPS = ("dyna", "uniform", "last")
+"""FREE's layer mappings for the distillation term (``shallowdeep_kd_<map>`` in FREE)."""
+FREE_TEACHER_LAYERS: dict[int, dict[int, tuple[int, ...]]] = {
+    24: {12: (2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24),
+         10: (3, 6, 8, 11, 13, 16, 18, 20, 22, 24),
+         8: (3, 6, 9, 12, 15, 18, 21, 24),
+         6: (4, 8, 12, 16, 20, 24),
+         4: (6, 12, 18, 24)},
+    12: {3: (4, 8, 12)},
+}
+"""FREE's ``TEACHER_LAYERS`` (``util/losses.py``, ``compute_layerwise_distillation_loss``):
+depth -> shallow layers -> the teacher layer of each shallow layer, here 1-based (FREE's
+table holds 0-based indices into the layers' normed outputs: ``[3, 7, ...]`` for 6 of 24)."""
 MODEL_METADATA_FILE = "exitbench_model.json"
 RUN_FILE = "exitbench_train.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
@@ -150,9 +173,11 @@ class Objective:
 
     name: str = "calm"
     shallow_layer: int | None = None
-    """FREE's shallow exit, 1-based; ``None`` means ``round(L / 3)``."""
+    """FREE's shallow exit, 1-based; ``None`` means :func:`default_shallow_layer` (``L / 4``)."""
     kd_weight: float = 0.5
     """FREE's ``alpha``: weight of the layer-wise distillation term."""
+    layer_map: str = "dyna"
+    """FREE's mapping of shallow to teacher layers in the distillation term (``LAYER_MAPS``)."""
 
     def __post_init__(self) -> None:
         if self.name not in OBJECTIVES:
@@ -160,6 +185,9 @@ class Objective:
                                  f"{', '.join(OBJECTIVES)}")
         if self.kd_weight < 0:
             raise ExitbenchError(f"kd weight {self.kd_weight} must be >= 0")
+        if self.layer_map not in LAYER_MAPS:
+            raise ExitbenchError(f"unknown layer map {self.layer_map!r}; use one of "
+                                 f"{', '.join(LAYER_MAPS)} (FREE's default is dyna)")
 
     def resolved(self, num_layers: int) -> Objective:
         """A copy with FREE's shallow layer filled in and checked against the depth."""
@@ -183,7 +211,11 @@ class LossParts:
 
 
 def default_shallow_layer(num_layers: int) -> int:
-    return max(1, min(num_layers - 1, round(num_layers / 3)))
+    """FREE's shallow model size for a decoder of ``num_layers`` layers: a quarter of the
+    depth, half rounded up (FREE's scripts train 6 of T5-large's 24), at least 1 and at
+    most ``L - 1``. The one default of training and of the ``free_shallow_deep`` measure
+    (whose 0-based exit layer is this minus one)."""
+    return max(1, min(num_layers - 1, math.floor(num_layers / 4 + 0.5)))
 
 
 def calm_layer_weights(num_layers: int) -> torch.Tensor:
@@ -194,9 +226,37 @@ def calm_layer_weights(num_layers: int) -> torch.Tensor:
 
 
 def uniform_layer_map(shallow_layer: int, num_layers: int) -> list[int]:
-    """FREE's uniform mapping: shallow layer ``i`` (1-based) learns from deep layer
+    """The uniform mapping: shallow layer ``i`` (1-based) learns from deep layer
     ``round(i * L / k)``; the shallow exit ``k`` maps to the last layer ``L``."""
     return [round(i * num_layers / shallow_layer) for i in range(1, shallow_layer + 1)]
+
+
+def teacher_layers(shallow_layer: int, num_layers: int) -> list[int]:
+    """The teacher layer (1-based) of each shallow layer ``1..k``: FREE's table where it
+    has ``(L, k)`` (:data:`FREE_TEACHER_LAYERS`; it differs from the uniform rule for 10 of
+    24 layers), else :func:`uniform_layer_map`."""
+    table = FREE_TEACHER_LAYERS.get(num_layers, {}).get(shallow_layer)
+    return list(table) if table is not None else uniform_layer_map(shallow_layer, num_layers)
+
+
+def dyna_alignment(losses: torch.Tensor) -> list[int]:
+    """FREE's dynamic layer mapping (``shallowdeep_kd_dyna``): ``losses[t, s]`` is the MSE of
+    teacher ``t`` and student ``s`` (both 0-based over the lists); from the last teacher
+    down, each teacher takes the student of lowest loss among those below the student the
+    next teacher took (the last teacher may take any); a teacher with no such student takes
+    the same student as the next one. Returns the student of each teacher."""
+    import torch
+
+    num_teachers, num_students = losses.shape
+    below = num_students  # FREE starts from len(all_hidden_states), above every student
+    alignment = []
+    for teacher in range(num_teachers - 1, -1, -1):
+        order = torch.argsort(losses[teacher].detach(), stable=True)
+        candidates = order[order < below]
+        below = int(candidates[0]) if len(candidates) else below
+        alignment.append(below)
+    alignment.reverse()
+    return alignment
 
 
 def _forward(model, batch: dict[str, torch.Tensor], hidden: bool):
@@ -244,8 +304,6 @@ def _normed_state(model, states, layer: int) -> torch.Tensor:
 def objective_loss(model, batch: dict[str, torch.Tensor], objective: Objective) -> LossParts:
     """The objective on one batch (``input_ids``, ``attention_mask``, ``labels`` with
     ``-100`` at padding). See the module docstring for the formulas."""
-    import torch
-    import torch.nn.functional as F
 
     from suite.models import t5_exit_logits
 
@@ -275,17 +333,43 @@ def objective_loss(model, batch: dict[str, torch.Tensor], objective: Objective) 
     ce_shallow = _masked_ce(shallow_logits.unsqueeze(0), targets)[0]
     ce_deep = _masked_ce(outputs.logits[mask].unsqueeze(0), targets)[0]
     ce = (k * ce_shallow + num_layers * ce_deep) / (k + num_layers)
-    kd_terms = []
-    for student, teacher in zip(range(1, k + 1), uniform_layer_map(k, num_layers)):
-        s = _normed_state(model, states, student)[mask]
-        t = _normed_state(model, states, teacher)[mask].detach()
-        kd_terms.append(F.mse_loss(s, t))
-    kd = torch.stack(kd_terms).mean()
+    kd = distillation_loss(model, states, mask, k, objective.layer_map)
     total = ce + objective.kd_weight * kd
     return LossParts(total=total, parts={"ce_shallow": float(ce_shallow.detach()),
                                          "ce_deep": float(ce_deep.detach()),
                                          "ce_last": float(ce_deep.detach()),
                                          "kd": float(kd.detach())})
+
+
+def distillation_loss(model, states, mask: torch.Tensor, shallow_layer: int,
+                      layer_map: str) -> torch.Tensor:
+    """FREE's layer-wise distillation term over HF's ``decoder_hidden_states`` (see the
+    module docstring): MSE of normed student and (detached) teacher states at the target
+    positions ``mask``, paired by ``layer_map``."""
+    import torch
+    import torch.nn.functional as F
+
+    num_layers = len(states) - 1
+    k = shallow_layer
+
+    def student(i: int) -> torch.Tensor:
+        return _normed_state(model, states, i)[mask]
+
+    def teacher(i: int) -> torch.Tensor:
+        return _normed_state(model, states, i)[mask].detach()
+
+    if layer_map == "last":
+        return F.mse_loss(student(k), teacher(num_layers))
+    teachers = teacher_layers(k, num_layers)
+    students = [student(i) for i in range(1, k + 1)]
+    if layer_map == "uniform":
+        return torch.stack([F.mse_loss(s, teacher(t)) for s, t in zip(students, teachers)]
+                           ).mean()
+    # dyna: every (teacher, student) pair, then FREE's alignment over the loss matrix
+    losses = torch.stack([torch.stack([F.mse_loss(s, target) for s in students])
+                          for target in (teacher(t) for t in teachers)])
+    alignment = dyna_alignment(losses)
+    return losses[torch.arange(len(teachers)), torch.tensor(alignment)].mean()
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -384,6 +468,8 @@ class TrainSettings:
     max_target_tokens: int | None = None
     shallow_layer: int | None = None
     kd_weight: float = 0.5
+    layer_map: str = "dyna"
+    """FREE's distillation layer map (``dyna``, ``uniform``, ``last``)."""
     steps: int = 200
     batch_size: int = 16
     learning_rate: float = 3e-3
@@ -395,7 +481,7 @@ class TrainSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        Objective(self.objective, self.shallow_layer, self.kd_weight)  # validates the name
+        _ = self.objective_spec  # validates the name and the layer map
         get_preset(self.preset)
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
@@ -408,7 +494,7 @@ class TrainSettings:
 
     @property
     def objective_spec(self) -> Objective:
-        return Objective(self.objective, self.shallow_layer, self.kd_weight)
+        return Objective(self.objective, self.shallow_layer, self.kd_weight, self.layer_map)
 
 
 QUICKSTART_SETTINGS = TrainSettings(objective="calm", preset="tiny", tasks=("squad",),
@@ -594,6 +680,8 @@ def train(settings: TrainSettings, tokenizer_dir: str | Path, out: str | Path, *
                 "shallow_layer": objective.shallow_layer,
                 "tokenizer_spiece_sha256": spiece_sha256(tokenizer_dir),
                 "train_example_ids_sha256": hash_strings(list(data.example_ids))}
+    if objective.name != "free":  # the layer map only shapes FREE's loss
+        identity.pop("layer_map")
 
     # A finished model, or checkpoints of an earlier run: the same settings continue it.
     if out.exists():
@@ -722,6 +810,7 @@ def train(settings: TrainSettings, tokenizer_dir: str | Path, out: str | Path, *
         "architecture": dataclasses.asdict(preset) | {"vocab_size": len(tokenizer)},
         "shallow_layer": objective.shallow_layer,
         "kd_weight": objective.kd_weight if objective.name == "free" else None,
+        "layer_map": objective.layer_map if objective.name == "free" else None,
         "layer_weights": calm_layer_weights(preset.num_layers).tolist()
         if objective.name == "calm" else None,
         "tasks": described,
@@ -781,3 +870,19 @@ def read_model_metadata(folder: str | Path) -> dict[str, Any]:
         raise ExitbenchError(f"{folder} has no {MODEL_METADATA_FILE}: it is not a model folder "
                              f"written by `exitbench train`")
     return json.loads(path.read_text("utf-8"))
+
+
+def read_backbone(path: str) -> Backbone:
+    """What the model at ``path`` (a config's model path: folder or hub id) records about
+    its training, for the measures and online decoders that depend on it (FREE's shallow
+    layer). A checkpoint the suite did not train gives a :class:`Backbone` of ``None``s."""
+    from suite.measures import Backbone
+
+    local = Path(path).expanduser()
+    meta_path = local / MODEL_METADATA_FILE
+    if not meta_path.is_file():
+        return Backbone(path=path)
+    metadata = json.loads(meta_path.read_text("utf-8"))
+    shallow = metadata.get("shallow_layer")
+    return Backbone(path=path, objective=metadata.get("objective"),
+                    shallow_layer=int(shallow) if shallow is not None else None)

@@ -41,6 +41,7 @@ from suite.traces import (
     LAYER_FIELDS,
     LOOK_AHEAD_LAYER_FIELDS,
     LOOK_AHEAD_TOKEN_FIELDS,
+    OPTIONAL_LAYER_FIELDS,
     TraceArrays,
 )
 
@@ -110,6 +111,9 @@ def synthetic_traces(num_examples: int = 6, tokens_per_example: int = 8, num_lay
         top2_prob=top2_prob.astype(np.float32),
         cos_prev=_cosine(hidden, previous).astype(np.float32),
         cos_last=_cosine(hidden, hidden[:, -1:]).astype(np.float32),
+        # a weightless RMS norm scales each state: the cosines of the normed states are the same
+        cos_prev_normed=_cosine(hidden, previous).astype(np.float32),
+        cos_last_normed=_cosine(hidden, hidden[:, -1:]).astype(np.float32),
         final_prob=np.where(top1_id == final_id[:, None], top1_prob, top2_prob)
         .astype(np.float32),
         hidden=hidden.astype(np.float32))
@@ -128,8 +132,9 @@ def mix_traces(base: TraceArrays, other: TraceArrays, from_other: np.ndarray,
     the ``[T, L]`` mask ``from_other`` is set, and the per-token ``token_fields`` taken from
     ``other`` on ``token_rows``."""
     values: dict[str, Any] = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
-    for name in LAYER_FIELDS:
-        values[name] = np.where(from_other, getattr(other, name), getattr(base, name))
+    for name in (*LAYER_FIELDS, *OPTIONAL_LAYER_FIELDS):
+        if getattr(base, name) is not None and getattr(other, name) is not None:
+            values[name] = np.where(from_other, getattr(other, name), getattr(base, name))
     if base.hidden is not None and other.hidden is not None:
         values["hidden"] = np.where(from_other[..., None], other.hidden, base.hidden)
     rows = np.ones(base.num_tokens, bool) if token_rows is None else token_rows
@@ -485,7 +490,8 @@ class DeclaredReadsCheck(Check):
         base = ctx.base_scores()
         undeclared = sorted(TRACE_FIELDS - set(type(measure).reads))
         replacements: dict[str, Any] = {name: getattr(ctx.other, name)
-                                        for name in (*LAYER_FIELDS, "final_id", "gold_id")}
+                                        for name in (*LAYER_FIELDS, *OPTIONAL_LAYER_FIELDS,
+                                                     "final_id", "gold_id")}
         replacements["example_id"] = np.array([f"renamed-{x}" for x in ctx.traces.example_id],
                                               dtype=object)
         replacements["position"] = ctx.traces.position + 7
@@ -563,7 +569,7 @@ class LayerCausalityCheck(Check):
             changed = first_difference(base[:, :layer + 1], scores[:, :layer + 1])
             if changed is not None:
                 count, token, at = changed
-                what = (f"layers > {layer}, final_id, gold_id, cos_last and final_prob"
+                what = (f"layers > {layer}, final_id, gold_id, {', '.join(LOOK_AHEAD_LAYER_FIELDS)}"
                         if layer < num_layers - 1
                         else "gold_id")
                 return FAIL, (f"peeks ahead: changing only {what} changed {count} score(s) at "

@@ -12,7 +12,7 @@ BUILTIN_MEASURES = ("classifier_lstm", "classifier_single", "classifier_three_hi
 
 
 def make_traces(top1_prob, top2_prob=None, top1_id=None, final_id=None, cos_prev=None,
-                gold_id=None, hidden=None) -> TraceArrays:
+                gold_id=None, hidden=None, position=None, example_id=None) -> TraceArrays:
     """Traces from small nested lists ``[tokens][layers]``; unspecified fields get neutral
     values (one example, positions 0..T-1, predictions already final)."""
     top1_prob = np.asarray(top1_prob, dtype=np.float32)
@@ -24,8 +24,10 @@ def make_traces(top1_prob, top2_prob=None, top1_id=None, final_id=None, cos_prev
     if top1_id is None:
         top1_id = np.broadcast_to(final_id[:, None], (num_tokens, num_layers))
     return TraceArrays(
-        example_id=np.array(["ex0"] * num_tokens, dtype=object),
-        position=np.arange(num_tokens, dtype=np.int32),
+        example_id=np.array(["ex0"] * num_tokens, dtype=object) if example_id is None
+        else np.asarray(example_id, dtype=object),
+        position=np.arange(num_tokens, dtype=np.int32) if position is None
+        else np.asarray(position, np.int32),
         final_id=final_id,
         gold_id=np.full(num_tokens, -1, np.int32) if gold_id is None
         else np.asarray(gold_id, np.int32),
@@ -33,6 +35,7 @@ def make_traces(top1_prob, top2_prob=None, top1_id=None, final_id=None, cos_prev
         top1_prob=top1_prob,
         top2_prob=zeros.copy() if top2_prob is None else np.asarray(top2_prob, np.float32),
         cos_prev=zeros.copy() if cos_prev is None else np.asarray(cos_prev, np.float32),
+        cos_prev_normed=zeros.copy() if cos_prev is None else np.asarray(cos_prev, np.float32),
         cos_last=zeros.copy(),
         final_prob=zeros.copy(),
         hidden=None if hidden is None else np.asarray(hidden, np.float32))

@@ -45,7 +45,8 @@ def make_traces(example_ids, *, top1_id=None, final_prob=None, cos_last=None,
     return TraceArrays(example_id=np.asarray(example_ids, dtype=object), position=position,
                        final_id=top1[:, -1].copy(), gold_id=np.full(n, -1, np.int32),
                        top1_id=top1, top1_prob=probs.copy(), top2_prob=probs / 2,
-                       cos_prev=np.ones(shape, np.float32), cos_last=cos, final_prob=probs)
+                       cos_prev=np.ones(shape, np.float32), cos_last=cos, final_prob=probs,
+                       cos_prev_normed=np.ones(shape, np.float32), cos_last_normed=cos.copy())
 
 
 # -- monotonicity of predictions and confidence ----------------------------------------------------
@@ -264,3 +265,41 @@ def test_analyze_command_trains_records_and_writes(tmp_path, samples_dir, capsys
     path.write_text(yaml.safe_dump(config))
     assert main(["analyze", "--config", str(path)]) == 2
     assert "no models" in capsys.readouterr().err
+
+
+def test_prefix_length_statistics_by_hand():
+    import dataclasses
+
+    # two sequences of three tokens; similarity rises with the prefix length
+    cos = [[0.1, 0.2, 1.0], [0.5, 0.6, 1.0], [0.9, 0.95, 1.0],
+           [0.2, 0.2, 1.0], [0.6, 0.4, 1.0], [0.92, 0.9, 1.0]]
+    traces = dataclasses.replace(make_traces(["a"] * 3 + ["b"] * 3, cos_last=cos),
+                                 position=np.array([0, 1, 2, 0, 1, 2], np.int32))
+    result = analyse_traces(traces, AnalysisSettings(top_k=2, saturation_threshold=0.9))
+    prefix = result.prefix
+    assert prefix.prefix_length.tolist() == [0, 1, 2] and prefix.num_tokens.tolist() == [2, 2, 2]
+    np.testing.assert_allclose(prefix.mean_similarity, [(0.15 + 0.2) / 2, (0.55 + 0.5) / 2,
+                                                        (0.925 + 0.91) / 2], atol=1e-6)
+    np.testing.assert_allclose(prefix.share_never_saturated, [1.0, 1.0, 0.0])
+    assert prefix.spearman > 0.9  # longer prefixes are easier here
+    assert (prefix.k, prefix.mean_prefix_easy, prefix.mean_prefix_difficult) == (2, 2.0, 0.0)
+    assert prefix.mean_prefix_all == 1.0
+    table = analysis_tables([result])["prefix"]
+    assert table["prefix_length"].tolist() == [0, 1, 2]
+
+
+def test_saturation_uses_normed_states_by_default_and_raw_by_option():
+    import dataclasses
+
+    cos = [[0.1, 0.2, 1.0], [0.5, 0.6, 1.0]]
+    normed = [[0.8, 0.9, 1.0], [0.9, 0.95, 1.0]]
+    traces = dataclasses.replace(make_traces(["a", "a"], cos_last=cos),
+                                 cos_last_normed=np.asarray(normed, np.float32))
+    study = analyse_traces(traces, AnalysisSettings(top_k=1))
+    np.testing.assert_allclose(study.layers.similarity_mean[:2], [0.85, 0.925], atol=1e-6)
+    raw = analyse_traces(traces, AnalysisSettings(top_k=1, states="raw"))
+    np.testing.assert_allclose(raw.layers.similarity_mean[:2], [0.3, 0.4], atol=1e-6)
+    with pytest.raises(AnalysisError, match="states"):
+        AnalysisSettings(states="final")
+    with pytest.raises(Exception, match="cos_last_normed"):
+        analyse_traces(dataclasses.replace(traces, cos_last_normed=None))

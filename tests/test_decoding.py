@@ -224,6 +224,9 @@ def test_layer_statistics_by_hand_with_tied_logits():
         def exit_logits(self, layer, hidden):
             return hidden
 
+        def exit_norm(self, layer, hidden):
+            return hidden * torch.tensor([1.0, 2.0, 1.0, 1.0])  # a norm weight: cosines change
+
     embeddings = torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 0]])
     layer0 = torch.tensor([[2.0, 2, 0, 0], [0, 3, 1, 0], [0, 0, 5, 5]])  # ties in rows 0, 2
     layer1 = torch.tensor([[0.0, 0, 0, 9], [0, 1, 0, 0], [1, 0, 0, 0]])
@@ -240,3 +243,10 @@ def test_layer_statistics_by_hand_with_tied_logits():
     final = torch.tensor([3, 1, 0])
     torch.testing.assert_close(stats.final_prob[:, 0], layer0.softmax(-1)[torch.arange(3), final])
     torch.testing.assert_close(stats.final_prob[:, 1], stats.top1_prob[:, 1])
+    # the study's cosines: between final-normed states (here the norm doubles dimension 1)
+    weight = torch.tensor([1.0, 2.0, 1.0, 1.0])
+    torch.testing.assert_close(stats.cos_prev_normed[:, 0],
+                               F.cosine_similarity(layer0 * weight, embeddings * weight))
+    torch.testing.assert_close(stats.cos_last_normed[:, 0],
+                               F.cosine_similarity(layer0 * weight, layer1 * weight))
+    assert not torch.allclose(stats.cos_prev_normed[:, 0], stats.cos_prev[:, 0])

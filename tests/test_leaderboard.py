@@ -452,3 +452,36 @@ def test_quality_and_throughput_axes_never_go_below_zero():
     assert low == 0.0 and high > 40.0
     assert _domain([0.2, 0.2], floor=0.0)[0] == 0.0  # padding of a flat series stops at 0
     assert _domain([-2.0, 3.0], floor=0.0)[0] < -2.0  # a negative value is still shown
+def test_calibrated_points_are_marked_with_their_epsilon_and_delta():
+    import dataclasses
+
+    from leaderboard.plot import panel_figure
+    from suite.fronts import build_panels
+
+    rows = [r for r in make_rows({t: "h" * 64 for t in TASKS})
+            if r.task == "squad" and r.profile == "a100_sxm_80gb" and r.batch_size == 1
+            and r.mode == "replay" and r.measure in ("static_layer", "softmax_margin")]
+    chosen = next(r for r in rows if r.measure == "softmax_margin")
+    label = "softmax_margin [calibrated consistency_01 eps=0.1 delta=0.1]"
+    rows.append(dataclasses.replace(chosen, measure=label, extra={"calibration": {
+        "risk": "consistency_01", "epsilon": 0.1, "delta": 0.1, "test_risk": 0.05}}))
+    panel = build_panels(rows)[0].panels[1]
+    figure = panel_figure(panel, {"softmax_margin": 0, label: 1})
+    marked = [m for m in figure.markers if "calibrated" in m.css.split()]
+    assert len(marked) == 1 and marked[0].measure == label
+    assert "consistency_01 <= 0.1 with probability >= 1 - 0.1" in marked[0].title
+    assert not any("calibrated" in m.css.split() for m in figure.markers if m is not marked[0])
+
+
+def test_a_scheduled_series_is_described_by_its_registry_measure():
+    import dataclasses
+
+    from leaderboard.describe import describe_measure
+
+    row = next(r for r in make_rows({t: "h" * 64 for t in TASKS}) if r.measure == "softmax_margin")
+    decayed = dataclasses.replace(row, measure="softmax_margin (decay tau=4)",
+                                  extra={"measure_name": "softmax_margin",
+                                         "schedule": {"kind": "calm_decay", "tau": 4.0}})
+    info = describe_measure(decayed.measure, [decayed], {}, None)
+    assert info.registered and info.description.startswith("softmax top-1 minus top-2")
+    assert describe_measure("no_such (decay tau=4)", [], {}, None).problem

@@ -169,3 +169,22 @@ def test_damaged_cache_file_is_retrained(tmp_path, train_traces):
     retrained = get_measure("classifier_single")(cache_dir=tmp_path, **FAST)
     assert not retrained.fit(train_traces).reused
     assert get_measure("classifier_single")(cache_dir=tmp_path, **FAST).fit(train_traces).reused
+
+
+def test_per_layer_balance_is_calms():
+    # t5x loss_fn_meta_cls: per layer, pos_weight = 1 - pos/(pos+neg), neg_weight = 1 - neg/(...)
+    from suite.learned import pair_weights
+
+    labels = np.array([[1, 0, 1], [1, 1, 0], [0, 1, 1], [1, 1, 0]], dtype=bool)
+    trainable = np.array([[True, True, False]] * 4)
+    weights = pair_weights(labels, trainable, "per_layer")
+    # layer 0: 3 positives of 4 -> positives 1/4, negatives 3/4; layer 1 likewise
+    np.testing.assert_allclose(weights[:, 0], [0.25, 0.25, 0.75, 0.25])
+    np.testing.assert_allclose(weights[:, 1], [0.75, 0.25, 0.25, 0.25])
+    assert (weights[:, 2] == 0).all()  # not trained there
+    overall = pair_weights(labels, trainable, "classes")  # 6 positives, 2 negatives of 8
+    np.testing.assert_allclose(overall[:, 0], [8 / 12, 8 / 12, 8 / 4, 8 / 12])
+    assert get_measure("classifier_single")().training.balance == "per_layer"
+    assert get_measure("classifier_lstm")().training.balance == "classes"
+    with pytest.raises(ExitbenchError, match="balance"):
+        get_measure("classifier_single")(balance="none")

@@ -53,7 +53,7 @@ def test_a_threshold_that_never_exits_reproduces_full_depth_greedy_output(setup,
 # thresholds chosen (from the traces' score quantiles) so that exits are mixed across layers
 @pytest.mark.parametrize("name,threshold,options", [
     ("softmax_margin", 0.02, {}), ("free_shallow_deep", 0.03, {"shallow_layer": 1}),
-    ("free_shallow_deep", 0.03, {"shallow_layer": 0}), ("hidden_state_saturation", 0.85, {})])
+    ("free_shallow_deep", 0.005, {"shallow_layer": 0}), ("hidden_state_saturation", 0.85, {})])
 def test_batched_and_batch_1_decoding_agree(setup, name, threshold, options):
     exit_policy = policy(name, threshold, **options)
     batched = online_greedy_decode(setup["adapter"], setup["ids"], setup["mask"], IDS, STEPS,
@@ -148,11 +148,18 @@ def test_first_tokens_exit_where_replay_says(setup, name, threshold, options):
     from suite.replay import exit_layers
 
     traces = setup["traces"]
-    last = TINY["num_decoder_layers"] - 1
     exit_policy = policy(name, threshold, **options)
     replayed = exit_layers(exit_policy.measure.scores(traces), [threshold])[0]
     out = online_greedy_decode(setup["adapter"], setup["ids"], setup["mask"], IDS, STEPS,
                                exit_policy)
+    compared, early = first_tokens_follow_replay(out, traces, replayed)
+    assert early >= 1 and compared >= 4
+
+
+def first_tokens_follow_replay(out, traces, replayed) -> tuple[int, int]:
+    """Assert that in every example the tokens up to the first early exit exit where replay
+    says; returns (tokens compared, examples with an early exit)."""
+    last = TINY["num_decoder_layers"] - 1
     compared = early = 0
     for example in IDS:
         online_exits = out.traces.exit_layer[out.traces.example_id == example]
@@ -162,7 +169,7 @@ def test_first_tokens_exit_where_replay_says(setup, name, threshold, options):
         assert online_exits[:upto].tolist() == replay_exits[:upto].tolist()
         compared += upto
         early += bool(early_positions.size)
-    assert early >= 1 and compared >= 4
+    return compared, early
 
 
 def test_online_traces_hold_what_was_computed(setup):
@@ -285,3 +292,74 @@ def test_fidelity_command_writes_report_rows_and_reuses_finished_measures(
     assert main(["online", "--config", str(config), "--no-progress",
                  "--no-leaderboard"]) == 0
     assert "0 measure(s) decoded, 2 reused" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,threshold,options", [
+    ("softmax_margin", 0.03, {}), ("free_shallow_deep", 0.03, {"shallow_layer": 1})])
+def test_decayed_threshold_exits_where_scheduled_replay_says(setup, name, threshold, options):
+    """CALM's decay online and in replay: the same thresholds per position, so the first
+    tokens of each example (up to the first early exit) exit where replay says, and the
+    decay makes some token exit that the constant threshold keeps."""
+    from suite.schedules import CalmDecaySchedule, replay_scheduled
+
+    traces = setup["traces"]
+    schedule = CalmDecaySchedule(tau=4.0, max_length=STEPS)
+    measure = get_measure(name)(**options)
+    exit_policy = ExitPolicy(measure, threshold, 0, schedule)
+    replayed = replay_scheduled(traces, measure.scores(traces), [threshold], schedule,
+                                measure=measure).exits[0]
+    constant = replay_scheduled(traces, measure.scores(traces), [threshold]).exits[0]
+    assert (replayed <= constant).all() and (replayed < constant).any()
+    out = online_greedy_decode(setup["adapter"], setup["ids"], setup["mask"], IDS, STEPS,
+                               exit_policy)
+    assert first_tokens_follow_replay(out, traces, replayed)[0] >= 4
+
+
+def test_no_exit_before_min_position_online(setup):
+    exit_policy = ExitPolicy(get_measure("static_layer")(), 0.0, 0, None, min_position=3)
+    out = online_greedy_decode(setup["adapter"], setup["ids"], setup["mask"], IDS, STEPS,
+                               exit_policy)
+    early = out.traces.position < 3
+    assert (out.traces.exit_layer[early] == TINY["num_decoder_layers"] - 1).all()
+    assert (out.traces.exit_layer[~early] == 0).all()
+
+
+def test_free_adaptive_pairs_are_the_parallel_passes_predictions(setup):
+    """FREE's pairs online: for each deep token with pending shallow tokens, every such token's
+    shallow confidence and whether its shallow prediction equals the deep one. Checked against
+    HF's parallel pass over the emitted tokens (which FREE's catch-up reproduces), walked
+    token by token; the next batch starts with a refitted threshold."""
+    from suite.adaptive import AdaptiveSettings, PairStatistics
+
+    adapter, shallow, last = setup["adapter"], 0, TINY["num_decoder_layers"] - 1
+    measure = get_measure("free_shallow_deep")(shallow_layer=shallow)
+    exit_policy = ExitPolicy(measure, 0.005, 0, AdaptiveSettings()).fresh()
+    ids, mask = pad_batch([setup["sources"][2]], 0)  # deep tokens after shallow ones (random
+    # weights: few inputs mix them)
+    out = online_greedy_decode(adapter, ids, mask, ["d"], STEPS, exit_policy)
+    tokens, exits = out.decoded.rows()[0].tolist(), out.traces.exit_layer
+    assert set(exits.tolist()) == {shallow, last}
+    states, logits = _hf_states(adapter, ids, mask, tokens)
+    with torch.inference_mode():
+        probs = torch.softmax(t5_exit_logits(adapter.model, states[shallow + 1][0]), -1)
+    top2 = probs.topk(2, -1)
+    confidence = (top2.values[:, 0] - top2.values[:, 1]).numpy()
+    same = (top2.indices[:, 0] == logits[0].argmax(-1)).numpy()
+    expected = PairStatistics.empty()
+    pending = []
+    for t, layer in enumerate(exits):
+        if layer == shallow:
+            pending.append(t)
+        else:
+            if pending:
+                chosen = [*pending, t]
+                expected.add(confidence[chosen], same[chosen])
+            pending = []
+    got = exit_policy.adaptive.stats
+    assert got.count.sum() > 0
+    np.testing.assert_array_equal(got.count, expected.count)
+    np.testing.assert_allclose(got.total, expected.total, rtol=1e-5)
+    assert exit_policy.adaptive.refits == 0  # refits come before the next sequence
+    online_greedy_decode(adapter, ids, mask, ["d"], STEPS, exit_policy)
+    assert exit_policy.adaptive.refits == 1
+    assert exit_policy.adaptive.threshold in np.linspace(0.3, 0.9, 10).tolist()

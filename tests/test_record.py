@@ -77,6 +77,10 @@ def test_record_round_trip_and_resume(trained_model, samples_dir, tmp_path):
     first_two = np.isin(traces.example_id, [e.id for e in examples[:2]])
     assert np.array_equal(direct.final_id, traces.final_id[first_two])
     np.testing.assert_array_equal(direct.top1_prob, traces.top1_prob[first_two])
+    # the normed cosines are recorded too (trace format 3) and survive the round trip
+    np.testing.assert_array_equal(direct.cos_last_normed, traces.cos_last_normed[first_two])
+    np.testing.assert_array_equal(direct.cos_prev_normed, traces.cos_prev_normed[first_two])
+    assert np.allclose(traces.cos_last_normed[:, -1], 1.0, atol=1e-5)
     # HF's own greedy search on the trained checkpoint gives the recorded tokens.
     with torch.inference_mode():
         hf = adapter.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5,

@@ -8,8 +8,59 @@ from suite.errors import DataError
 from suite.tasks import TASKS, get_task, load_examples
 
 
-def test_the_four_tasks_are_registered():
-    assert TASKS.names() == ["big_patent", "cnn_dailymail", "squad", "wmt15_en_fr"]
+def test_the_builtin_tasks_are_registered():
+    assert TASKS.names() == ["big_patent", "cnn_dailymail", "iwslt2017_de_en", "multi_news",
+                             "samsum", "squad", "wmt15_en_fr", "xsum"]
+
+
+def _write_jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+# one record per task in its hub dataset's column layout
+ORIGINALS_TASKS = {
+    "iwslt2017_de_en": ({"translation": {"de": "Vielen Dank für diesen wunderbaren Vortrag.",
+                                         "en": "Thank you very much for this wonderful talk."}},
+                        "translate German to English: Vielen Dank für diesen wunderbaren Vortrag.",
+                        "Thank you very much for this wonderful talk.", None),
+    "samsum": ({"id": "13818513", "dialogue": "Amanda: I baked cookies.\nJerry: Sure!",
+                "summary": "Amanda baked cookies."},
+               "summarize: Amanda: I baked cookies.\nJerry: Sure!", "Amanda baked cookies.",
+               "13818513"),
+    "multi_news": ({"document": "Article one. ||||| Article two.",
+                    "summary": "– Two articles, one summary."},
+                   "summarize: Article one. ||||| Article two.", "– Two articles, one summary.",
+                   None),
+    "xsum": ({"id": "38264402", "document": "The full cost of damage ...",
+              "summary": "Clean-up operations are continuing."},
+             "summarize: The full cost of damage ...", "Clean-up operations are continuing.",
+             "38264402"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ORIGINALS_TASKS))
+def test_originals_tasks_load_from_local_files_in_the_hub_layout(tmp_path, name):
+    from suite.metrics import get_metric
+
+    record, source, target, example_id = ORIGINALS_TASKS[name]
+    _write_jsonl(tmp_path / name / "validation.jsonl", [record, record])
+    task = get_task(name)
+    examples = load_examples(task, "validation[:1]", tmp_path)
+    assert len(examples) == 1
+    assert examples[0].source == source and examples[0].target == target
+    assert examples[0].references == (target,)
+    assert examples[0].id == (example_id if example_id is not None else examples[0].id)
+    # the reference scores perfectly with the task's metric
+    result = get_metric(task.metric)([target], [list(examples[0].references)])
+    assert result.scores[result.primary] == pytest.approx(100.0)
+
+
+def test_originals_tasks_use_the_originals_limits():
+    assert get_task("iwslt2017_de_en").limits.max_source_tokens == 1024
+    assert get_task("multi_news").limits.max_new_tokens == 512
+    assert get_task("samsum").limits.max_source_tokens == 512
+    assert get_task("iwslt2017_de_en").hub_config == "iwslt2017-de-en"
 
 
 def test_squad_sample_formats_like_the_studies(samples_dir):

@@ -21,8 +21,11 @@ from suite.training import (
     build_model,
     calm_layer_weights,
     collate,
+    default_shallow_layer,
+    dyna_alignment,
     encode_examples,
     objective_loss,
+    teacher_layers,
     train,
     uniform_layer_map,
 )
@@ -121,6 +124,58 @@ def test_uniform_layer_map_matches_free():
         Objective("free", shallow_layer=6).resolved(6)
 
 
+@pytest.mark.parametrize("num_layers,expected", [(3, 1), (6, 2), (8, 2), (12, 3), (24, 6)])
+def test_default_shallow_layer_is_free_quarter(num_layers, expected):
+    # FREE's scripts: --shallow_exit_layer 6 for T5-large's 24 decoder layers
+    assert default_shallow_layer(num_layers) == expected
+    assert Objective("free").resolved(num_layers).shallow_layer == expected
+
+
+def test_teacher_layers_follow_free_table():
+    # util/losses.py TEACHER_LAYERS[24][10] = [2, 5, 7, 10, 12, 15, 17, 19, 21, 23] (0-based):
+    # not the uniform rule, which gives 2 (round(2.4)) for the first
+    assert teacher_layers(10, 24) == [3, 6, 8, 11, 13, 16, 18, 20, 22, 24]
+    assert uniform_layer_map(10, 24)[0] == 2
+    assert teacher_layers(6, 24) == [4, 8, 12, 16, 20, 24]
+    assert teacher_layers(3, 12) == [4, 8, 12]
+    assert teacher_layers(2, 6) == [3, 6]  # not in the table: uniform
+    with pytest.raises(ExitbenchError, match="layer map"):
+        Objective("free", layer_map="diagonal")
+
+
+def test_dyna_alignment_walks_down_from_the_last_teacher():
+    # rows: teachers, columns: students. The last teacher takes its best student (2); the
+    # middle one the best below 2 (0, though 2 is lower); the first has none below 0: 0 again
+    losses = torch.tensor([[0.5, 0.9, 0.1],
+                           [0.3, 0.8, 0.2],
+                           [0.9, 0.7, 0.1]])
+    assert dyna_alignment(losses) == [0, 0, 2]
+    assert dyna_alignment(torch.tensor([[0.1, 0.9], [0.9, 0.1]])) == [0, 1]
+
+
+@pytest.mark.parametrize("layer_map", ["dyna", "uniform", "last"])
+def test_free_distillation_by_layer_map(model, batch, layer_map):
+    k, num_layers = 2, MICRO.num_layers
+    out = model(**batch, output_hidden_states=True)
+    states, mask = out.decoder_hidden_states, batch["labels"] != -100
+
+    def normed(i):
+        return states[i] if i == num_layers else model.decoder.final_layer_norm(states[i])
+
+    teachers = teacher_layers(k, num_layers)  # [2, 3] (uniform: round(1.5), 3)
+    mse = [[float(F.mse_loss(normed(s)[mask], normed(t)[mask]).detach()) for s in (1, 2)]
+           for t in teachers]
+    if layer_map == "uniform":
+        expected = (mse[0][0] + mse[1][1]) / 2
+    elif layer_map == "last":
+        expected = float(F.mse_loss(normed(2)[mask], normed(num_layers)[mask]).detach())
+    else:
+        align = dyna_alignment(torch.tensor(mse))
+        expected = (mse[0][align[0]] + mse[1][align[1]]) / 2
+    ours = objective_loss(model, batch, Objective("free", shallow_layer=k, layer_map=layer_map))
+    assert ours.parts["kd"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_free_parts_are_computed_as_documented(model, batch):
     k, num_layers, alpha = 1, MICRO.num_layers, 0.5
     out = model(**batch, output_hidden_states=True)
@@ -195,6 +250,20 @@ def test_training_reduces_loss_and_writes_a_loadable_model(tmp_path, tokenizer_d
     again = train(_settings(objective="free", steps=40, learning_rate=5e-3), tokenizer_dir, out,
                   data_dir=samples_dir, progress=False, log_every=5)
     assert again.already_done and again.final_loss == pytest.approx(last)
+    # what the folder records reaches the FREE measure (and so the online FREE decoder):
+    # the trained shallow exit is its default, naming another layer is an error
+    from suite.config import MeasureConfig
+    from suite.sweep import instantiate
+    from suite.training import read_backbone
+
+    backbone = read_backbone(str(out))
+    assert (backbone.objective, backbone.shallow_layer) == ("free", 1)
+    assert meta["layer_map"] == "dyna"
+    measure = instantiate(MeasureConfig(name="free_shallow_deep"), str(out))
+    assert measure.exit_layer(MICRO.num_layers) == 0
+    with pytest.raises(ExitbenchError, match="trained with FREE's objective to exit at layer 0"):
+        instantiate(MeasureConfig(name="free_shallow_deep", options={"shallow_layer": 1}),
+                    str(out))
     with pytest.raises(ExitbenchError, match="steps: 40 then, 41 now"):
         train(_settings(objective="free", steps=41, learning_rate=5e-3), tokenizer_dir, out,
               data_dir=samples_dir, progress=False)

@@ -48,7 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dropout", type=float, default=None, dest="dropout_rate",
                         help="dropout rate (default: the preset's)")
     parser.add_argument("--shallow-layer", type=int, default=None,
-                        help="FREE's shallow exit layer, 1-based (default: round(L/3))")
+                        help="FREE's shallow exit layer, 1-based (default: L/4, FREE's 6 of 24)")
+    parser.add_argument("--layer-map", default=defaults.layer_map,
+                        choices=("dyna", "uniform", "last"),
+                        help="FREE's distillation layer map (default dyna, FREE's)")
     parser.add_argument("--kd-weight", type=float, default=defaults.kd_weight,
                         help="FREE's weight of the layer-wise distillation loss (default 0.5)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         objective=args.objective, preset=args.preset, tasks=tuple(args.tasks), split=args.split,
         limit=args.limit, max_source_tokens=args.max_source_tokens,
         max_target_tokens=args.max_target_tokens, shallow_layer=args.shallow_layer,
-        kd_weight=args.kd_weight, steps=args.steps, batch_size=args.batch_size,
+        kd_weight=args.kd_weight, layer_map=args.layer_map, steps=args.steps, batch_size=args.batch_size,
         learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, dropout_rate=args.dropout_rate, seed=args.seed)
     result = train(settings, args.tokenizer, args.out, data_dir=args.data_dir,
