@@ -220,6 +220,21 @@ class EncoderPrefillTable(_GridTable):
         return self
 
 
+class VerifyLayerTable(_GridTable):
+    """Seconds of one decoder layer running ``query_len`` positions per row in one causal
+    pass (self-speculation's verification of ``query_len - 1`` drafts), by batch size and
+    query length, at one context length (keys, the queries included) and source length."""
+
+    query_lens: list[PositiveInt] = Field(min_length=1)
+    context_len: PositiveInt
+    source_len: PositiveInt
+
+    @model_validator(mode="after")
+    def _shape(self) -> VerifyLayerTable:
+        self._check_grid(self.query_lens, "query_lens")
+        return self
+
+
 class MeasuredTables(_Strict):
     """The timed operations; each time is the statistic (median) of ``method.repeats`` runs."""
 
@@ -234,6 +249,12 @@ class MeasuredTables(_Strict):
     encoder_prefill_seconds: EncoderPrefillTable
     fixed_step_seconds: NonNegativeFloat
     """One decoding step outside the layers (loop, embedding, argmax, stopping)."""
+    verify_layer_seconds: VerifyLayerTable | None = None
+    """Self-speculation's verification pass per layer (profiles measured before it have
+    none: the cost model then prices ``query_len`` tokens as that many one-token rows)."""
+    rollback_seconds: BatchTable | None = None
+    """Self-speculation's per-cycle acceptance and K/V rollback of rejected drafts (``0``
+    in profiles measured before it)."""
 
 
 class MeasuredEnvironment(_Strict):
