@@ -517,13 +517,14 @@ def run_online(config: SuiteConfig, *, progress: bool = True) -> OnlineReport:
     """Measure every (task, model, measure) of the config online, reusing stored parts."""
     import torch
 
-    if not config.models or not config.measures:
-        raise ExitbenchError("online decoding needs models and measures in the config")
+    if not config.models or not (config.measures or config.methods):
+        raise ExitbenchError("online decoding needs models and measures (or methods) in the "
+                             "config")
     if config.online.threads is not None:
         torch.set_num_threads(config.online.threads)
     report = OnlineReport(errors={})
     started = time.perf_counter()
-    for task in config.tasks:
+    for task in config.tasks if config.measures else ():  # methods: speculative_sweep
         for model in config.models:
             ctx = open_context(config, task, model)
             for measure in config.measures:
@@ -549,9 +550,13 @@ def run_online(config: SuiteConfig, *, progress: bool = True) -> OnlineReport:
 
 
 def fidelity_entries(config: SuiteConfig) -> list[dict[str, Any]]:
-    """The stored fidelity entries of this config, with task and model."""
+    """The stored fidelity entries of this config, with task and model (the decoding
+    methods' too: :func:`suite.speculative_sweep.method_fidelity_entries`)."""
+    from suite.speculative_sweep import method_fidelity_entries
+
     return [{"task": task, "model": model, **entry}
-            for task, model, part in stored_parts(config) for entry in part["fidelity"]]
+            for task, model, part in stored_parts(config)
+            for entry in part["fidelity"]] + method_fidelity_entries(config)
 
 
 def fidelity_summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -608,8 +613,10 @@ def write_fidelity_report(config: SuiteConfig, out_dir: Path) -> Path:
                                                    "device": config.device,
                                                    "machine": _machine()})
     from suite.atomic import atomic_write_text
+    from suite.speculative_sweep import render_method_markdown
 
-    atomic_write_text(out_dir / "fidelity.md", render_markdown(entries, summary, config))
+    atomic_write_text(out_dir / "fidelity.md", render_markdown(entries, summary, config)
+                      + render_method_markdown(entries))
     return out_dir / "fidelity.md"
 
 

@@ -408,8 +408,9 @@ def _store_group(out: dict, todo, cache, report: StageReport, bar, scored: int,
 
 
 def collect_results(config: SuiteConfig) -> list:
-    """Rows of every part of this config, in config order: replayed rows, then the rows
-    measured online (``exitbench online``/``fidelity``) when there are any."""
+    """Rows of every part of this config, in config order: replayed rows, the decoding
+    methods' rows (:mod:`suite.speculative_sweep`), then the rows measured online
+    (``exitbench online``/``fidelity``) when there are any."""
     from suite.fidelity import read_online_rows
     from suite.results import ResultRow
 
@@ -423,7 +424,9 @@ def collect_results(config: SuiteConfig) -> list:
                     continue
                 for row in json.loads(path.read_text("utf-8"))["rows"]:
                     rows.append(ResultRow(**{k: v for k, v in row.items() if k in names}))
-    return rows + read_online_rows(config)
+    from suite.speculative_sweep import read_method_rows
+
+    return rows + read_method_rows(config) + read_online_rows(config)
 
 
 def publish_results(config: SuiteConfig) -> int:
@@ -604,7 +607,11 @@ def replay_suite(config: SuiteConfig, config_path: str | None = None, *,
                 import ray
 
                 ray.shutdown()
-    if all_measures.measures:
+    if config.methods:  # decoding methods beside early exit, on the same traces
+        from suite.speculative_sweep import run_method_stage
+
+        summary.stages.append(run_method_stage(config, progress=progress))
+    if all_measures.measures or config.methods:
         results_started = time.perf_counter()
         rows = publish_results(config)
         summary.stages.append(StageReport("results", done=rows,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,13 +156,39 @@ def fitted_measure(config: MeasureConfig, inputs: SweepInputs, hidden: HiddenSta
     return measure
 
 
-def sweep(inputs: SweepInputs, measures: Sequence[MeasureConfig], profiles: Sequence[str],
-          batch_sizes: Sequence[int], *, score_cache: ScoreCache | None = None,
-          fit_cache_dir: Path | None = None, seed: int = 0) -> SweepReport:
-    """Replay, score and price every measure on one (task, model)'s traces."""
+@dataclass
+class OpenedTraces:
+    """One (task, model)'s generated traces with what replay prices and scores them by
+    (:func:`open_traces`); shared by the measures' sweep and the decoding methods'
+    (:mod:`suite.speculative_sweep`)."""
+
+    traces: TraceArrays
+    traces_hash: str
+    info: ModelInfo
+    example_ids: list[str]
+    source_len: np.ndarray
+    """Encoder tokens per example, as the record stage truncated them (EOS included)."""
+    example_index: np.ndarray
+    """``[T]`` each token's example, ``0..E-1`` in trace order."""
+    primary: str
+    full: dict
+    """The full-depth outputs' quality (``scores``, ``primary``, ``signature``)."""
+    costs: dict[str, object]
+    """Profile name -> its operation costs for this model and dtype."""
+    profiles: list
+    cache: ScoreCache
+    quality_of: Callable[[np.ndarray], dict]
+    """``[T]`` tokens in trace order -> their quality (detokenised, cut at EOS, cached)."""
+    hits_before: int = 0
+    misses_before: int = 0
+
+
+def open_traces(inputs: SweepInputs, profiles: Sequence[str], *,
+                score_cache: ScoreCache | None = None) -> OpenedTraces:
+    """Load and verify one (task, model)'s generated traces, their references and source
+    lengths; score the full-depth outputs; build every profile's operation costs."""
     from suite.models import load_tokenizer
 
-    started = time.perf_counter()
     store = TraceStore(inputs.trace_dir)
     manifest = store.read_manifest()
     if manifest.kind != "generated":
@@ -207,11 +233,30 @@ def sweep(inputs: SweepInputs, measures: Sequence[MeasureConfig], profiles: Sequ
         return cache.get_or_compute(key, compute)
 
     full = quality_of(traces.final_id)
-    primary = full["primary"]
-    example_index = example_index_from_ids(traces.example_id)
     loaded_profiles = [get_profile(name) for name in profiles]
     costs = {p.name: operation_costs(p, info.dims, inputs.dtype, info.gated_ffn,
                                      info.num_encoder_layers) for p in loaded_profiles}
+    return OpenedTraces(traces=traces, traces_hash=traces_hash, info=info,
+                        example_ids=example_ids, source_len=source_len,
+                        example_index=example_index_from_ids(traces.example_id),
+                        primary=full["primary"], full=full, costs=costs,
+                        profiles=loaded_profiles, cache=cache, quality_of=quality_of,
+                        hits_before=hits_before, misses_before=misses_before)
+
+
+def sweep(inputs: SweepInputs, measures: Sequence[MeasureConfig], profiles: Sequence[str],
+          batch_sizes: Sequence[int], *, score_cache: ScoreCache | None = None,
+          fit_cache_dir: Path | None = None, seed: int = 0) -> SweepReport:
+    """Replay, score and price every measure on one (task, model)'s traces."""
+    started = time.perf_counter()
+    opened = open_traces(inputs, profiles, score_cache=score_cache)
+    traces, traces_hash, info, cache = (opened.traces, opened.traces_hash, opened.info,
+                                        opened.cache)
+    hits_before, misses_before = opened.hits_before, opened.misses_before
+    example_ids, source_len, quality_of = opened.example_ids, opened.source_len, \
+        opened.quality_of
+    full, primary, example_index = opened.full, opened.primary, opened.example_index
+    loaded_profiles, costs = opened.profiles, opened.costs
 
     hidden = HiddenStateLoader(inputs.model.path, inputs.data_dir)
     rows: list[ResultRow] = []
