@@ -129,9 +129,30 @@ def format_rate(value: float) -> str:
 
 def point_title(row, metric: str) -> str:
     mode = "" if row.mode == "replay" else f" ({row.mode}, measured)"
-    return (f"{row.measure}{mode}\nthreshold {row.threshold:g}\n{metric} {row.quality:.2f}\n"
+    setting = (f"threshold {row.threshold:g}" if row.method == "early_exit"
+               else f"{row.method} {method_setting(row)}")
+    return (f"{row.measure}{mode}\n{setting}\n{metric} {row.quality:.2f}\n"
             f"{format_rate(row.tokens_per_s)} tokens/s ({row.speedup:.2f}x full depth)\n"
             f"mean layers {row.mean_layers_used:.2f} of {row.num_layers}")
+
+
+def method_setting(row) -> str:
+    """A decoding method's options for people: ``E=3 k=4``, plus the stopping rule and the
+    mean accepted tokens per cycle."""
+    import json
+
+    try:
+        options = json.loads(row.method_options or "{}")
+    except ValueError:
+        return str(row.method_options)
+    text = " ".join(f"{'E' if key == 'draft_depth' else 'k' if key == 'draft_length' else key}"
+                    f"={value}" for key, value in options.items()
+                    if key not in ("stop_measure", "stop_threshold"))
+    if "stop_measure" in options:
+        text += f" stop {options['stop_measure']}<{options.get('stop_threshold')}"
+    if row.mean_accepted_tokens is not None:
+        text += f", {row.mean_accepted_tokens:.2f} tokens/cycle"
+    return text
 
 
 def colour_class(measure: str, colour_index: dict[str, int]) -> str:

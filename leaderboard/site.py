@@ -36,9 +36,9 @@ from urllib.parse import quote
 import jinja2
 from markupsafe import Markup, escape
 
-from leaderboard.describe import describe_measure, describe_profile
+from leaderboard.describe import describe_measure, describe_method, describe_profile
 from leaderboard.inputs import LeaderboardError, RunInputs, read_run
-from leaderboard.plot import PALETTE_SIZE, colour_class, format_rate, panel_figure
+from leaderboard.plot import PALETTE_SIZE, colour_class, format_rate, method_setting, panel_figure
 from suite import __version__
 from suite.fronts import (
     BASELINE_MEASURE,
@@ -175,6 +175,8 @@ class RankingRow:
     points: int
     colour: str
     is_baseline: bool
+    lossless_speedup: float = math.nan
+    mean_accepted_tokens: float | None = None
 
 
 @dataclass
@@ -227,7 +229,8 @@ def _ranking(panel: Panel, root: str, measure_slugs: dict[str, str],
             mode=s.mode, deployable=s.deployable, best_speedup=s.best_speedup, area=s.area,
             fastest_quality=s.fastest_quality, fastest_speedup=s.fastest_speedup,
             points=len(s.rows), colour=colour_class(s.measure, colour_index),
-            is_baseline=s.is_baseline))
+            is_baseline=s.is_baseline, lossless_speedup=s.lossless_speedup,
+            mean_accepted_tokens=s.mean_accepted_tokens))
     return sorted(rows, key=_ranking_key)
 
 
@@ -438,12 +441,14 @@ def build_site_report(results_dir: str | Path, out_dir: str | Path) -> Site:
     rows_by_measure: dict[str, list] = defaultdict(list)
     for row in rows:
         rows_by_measure[row.measure].append(row)
-    measure_infos = {m: describe_measure(m, rows_by_measure[m], inputs.metadata,
-                                         inputs.run_manifest) for m in measures}
+    measure_infos = {m: describe_method(m, rows_by_measure[m])
+                     if rows_by_measure[m][0].method != "early_exit"
+                     else describe_measure(m, rows_by_measure[m], inputs.metadata,
+                                           inputs.run_manifest) for m in measures}
     for name, info in measure_infos.items():
         if info.problem:
             notes.append(f"measure {name!r}: {info.problem}")
-        if name not in inputs.validation and inputs.run_dir is not None \
+        if name not in inputs.validation and inputs.run_dir is not None and not info.method \
                 and (inputs.run_dir / "validation").is_dir():
             notes.append(f"measure {name!r}: no validation report in validation/")
     profile_infos = {p: describe_profile(p, inputs.run_manifest) for p in profiles}
@@ -464,7 +469,8 @@ def build_site_report(results_dir: str | Path, out_dir: str | Path) -> Site:
         has_analysis=bool(inputs.analysis_files), site_data=site_data, batch_sizes=batch_sizes,
         default_batch=default_batch, models=models,
         measure_slugs=measure_slugs, profile_slugs=profile_slugs, colour_index=colour_index,
-        colour_class=colour_class, baseline_measure=BASELINE_MEASURE)
+        colour_class=colour_class, baseline_measure=BASELINE_MEASURE,
+        method_setting=method_setting)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
