@@ -530,23 +530,35 @@ def run_online(config: SuiteConfig, *, progress: bool = True) -> OnlineReport:
             for measure in config.measures:
                 path = online_part_path(config.output_dir, task.name, model.name,
                                         measure.display_name)
-                label = f"{task.name}/{model.name}/{measure.display_name}"
-                try:
-                    key = part_key(ctx, measure)
-                    if path.is_file() and json.loads(path.read_text("utf-8")).get("key") == key:
-                        report.parts_reused += 1
-                        continue
-                    say = (lambda what, label=label: print(f"  online {label}: {what}",
-                                                           flush=True)) if progress else None
-                    part = measure_online(ctx, measure, progress=say)
-                except ExitbenchError as exc:  # one measure's failure must not lose the others
-                    report.errors[label] = str(exc)
-                    print(f"  online {label}: skipped: {exc}", flush=True)
-                    continue
-                atomic_write_json(path, {"key": key, **part})
-                report.parts_done += 1
+                store_online_part(
+                    report, path, f"{task.name}/{model.name}/{measure.display_name}",
+                    lambda ctx=ctx, measure=measure: part_key(ctx, measure),
+                    lambda say, ctx=ctx, measure=measure: measure_online(ctx, measure,
+                                                                         progress=say),
+                    progress=progress)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def store_online_part(report: OnlineReport, path: Path, label: str, key: Callable[[], str],
+                      decode: Callable[[Callable[[str], None] | None], dict[str, Any]], *,
+                      progress: bool) -> None:
+    """Reuse the part stored at ``path`` when its key matches, else ``decode`` it (with a
+    progress callback) and store it; an :class:`ExitbenchError` is reported in
+    ``report.errors`` and the other parts go on."""
+    try:
+        part_key_ = key()
+        if path.is_file() and json.loads(path.read_text("utf-8")).get("key") == part_key_:
+            report.parts_reused += 1
+            return
+        say = (lambda what: print(f"  online {label}: {what}", flush=True)) if progress else None
+        part = decode(say)
+    except ExitbenchError as exc:  # one part's failure must not lose the others
+        report.errors[label] = str(exc)
+        print(f"  online {label}: skipped: {exc}", flush=True)
+        return
+    atomic_write_json(path, {"key": part_key_, **part})
+    report.parts_done += 1
 
 
 def fidelity_entries(config: SuiteConfig) -> list[dict[str, Any]]:

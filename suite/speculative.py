@@ -71,16 +71,10 @@ class DraftStop:
     """The measure's registry name (keys measured check tables)."""
 
     def check(self, exit_layer: int, num_layers: int) -> None:
-        from suite.online import LOOK_AHEAD_FIELDS
+        from suite.online import ExitPolicy
 
-        cls = type(self.measure)
-        if not cls.deployable:
-            raise ExitbenchError(f"draft-stopping measure {self.measure_name!r} is not "
-                                 f"deployable (it looks ahead); it cannot decide while drafting")
-        ahead = sorted(set(cls.reads) & LOOK_AHEAD_FIELDS)
-        if ahead:
-            raise ExitbenchError(f"draft-stopping measure {self.measure_name!r} reads "
-                                 f"{', '.join(ahead)}, which are not known while drafting")
+        # what online decoding refuses (look-ahead fields, undeployable measures), refused here
+        ExitPolicy(self.measure, self.threshold).check(num_layers)
         if not bool(np.asarray(self.measure.checked_layers(num_layers), bool)[exit_layer]):
             raise ExitbenchError(f"draft-stopping measure {self.measure_name!r} makes no check "
                                  f"at layer {exit_layer} (the draft's exit layer); choose a "

@@ -571,7 +571,7 @@ def run_methods_online(config: SuiteConfig, report, *, progress: bool = True) ->
     ``report`` of :func:`suite.fidelity.run_online` (one context per (task, model))."""
     import torch
 
-    from suite.fidelity import open_context
+    from suite.fidelity import open_context, store_online_part
 
     if not config.methods or not config.models:
         return
@@ -580,26 +580,21 @@ def run_methods_online(config: SuiteConfig, report, *, progress: bool = True) ->
     started = time.perf_counter()
     for task in config.tasks:
         for model in config.models:
-            ctx = None
+            opened: list = []  # the (task, model)'s context, opened once when first needed
+
+            def context(task=task, model=model, opened=opened):
+                if not opened:
+                    opened.append(open_context(config, task, model))
+                return opened[0]
+
             for method in config.methods:
                 path = online_method_part_path(config.output_dir, task.name, model.name,
                                                method.display_name)
-                label = f"{task.name}/{model.name}/{method.display_name}"
-                try:
-                    ctx = ctx or open_context(config, task, model)
-                    key = online_method_key(ctx, method)
-                    if path.is_file() and json.loads(path.read_text("utf-8")).get("key") == key:
-                        report.parts_reused += 1
-                        continue
-                    say = (lambda what, label=label: print(f"  online {label}: {what}",
-                                                           flush=True)) if progress else None
-                    part = method_online(ctx, method, progress=say)
-                except ExitbenchError as exc:  # one entry's failure must not lose the others
-                    report.errors[label] = str(exc)
-                    print(f"  online {label}: skipped: {exc}", flush=True)
-                    continue
-                atomic_write_json(path, {"key": key, **part})
-                report.parts_done += 1
+                store_online_part(
+                    report, path, f"{task.name}/{model.name}/{method.display_name}",
+                    lambda method=method: online_method_key(context(), method),
+                    lambda say, method=method: method_online(context(), method, progress=say),
+                    progress=progress)
     report.seconds += time.perf_counter() - started
 
 
