@@ -94,6 +94,9 @@ class MethodConfig(_Strict):
     draft_lengths: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1)
     """``k`` values: tokens drafted per cycle at most."""
     stop: DraftStopConfig | None = None
+    stop_at_eos: bool = False
+    """Stop drafting after a drafted EOS, as LayerSkip does (draft counts become bounds
+    where the draft leaves the trace); off: every cycle drafts ``min(k, budget - 1)``."""
     online_draft_depths: list[int] | None = None
     """The ``E`` values ``exitbench online`` / ``fidelity`` decode (``None``: the sweep's)."""
     online_draft_lengths: list[int] | None = None

@@ -24,9 +24,11 @@ Greedy self-speculation is lossless: every emitted token is the full model's gre
 
 Draft length per cycle: ``min(k, budget - 1)`` with ``budget`` the tokens the sequence may
 still emit (LayerSkip's ``min(num_speculations, max_steps - len(output_ids) - 1)``), so a
-cycle never emits past ``max_new_tokens``. Unlike LayerSkip the draft does not stop when it
-drafts EOS (its line 146): a fixed ``k`` keeps every cycle's draft count determined by the
-trace; an accepted EOS still ends the sequence, and drafts after it are not accepted.
+cycle never emits past ``max_new_tokens``. By default, unlike LayerSkip, the draft does not
+stop when it drafts EOS (its line 146): a fixed ``k`` keeps every cycle's draft count
+determined by the trace; an accepted EOS still ends the sequence, and drafts after it are
+not accepted. ``stop_at_eos`` restores LayerSkip's rule (draft counts then become bounds
+where the trace cannot say whether the draft emits EOS).
 
 An optional **draft-stopping rule** (Kangaroo; LayerSkip's dynamic variants) ends a
 cycle's drafting after a drafted token whose score, by any registered measure at the
@@ -95,6 +97,15 @@ class SelfSpeculation:
     draft_length: int
     """``k``: tokens drafted per cycle at most."""
     stop: DraftStop | None = None
+    stop_at_eos: bool = False
+    """Also stop drafting after a drafted EOS, as LayerSkip does. Off by default: after a
+    rejected draft the trace does not say whether the draft emits EOS, so the draft count
+    becomes a bound there (as with a stopping rule)."""
+
+    @property
+    def draft_stops(self) -> bool:
+        """True when a cycle may draft fewer than ``min(k, budget - 1)`` tokens."""
+        return self.stop is not None or self.stop_at_eos
 
     @property
     def exit_layer(self) -> int:
@@ -119,6 +130,8 @@ class SelfSpeculation:
         if self.stop is not None:
             options.update(stop_measure=self.stop.measure_name,
                            stop_threshold=float(self.stop.threshold))
+        if self.stop_at_eos:
+            options["stop_at_eos"] = True
         return options
 
     def label(self) -> str:
@@ -126,6 +139,8 @@ class SelfSpeculation:
         text = f"E={self.draft_depth} k={self.draft_length}"
         if self.stop is not None:
             text += f" stop {self.stop.measure_name}<{self.stop.threshold:g}"
+        if self.stop_at_eos:
+            text += " stop at EOS"
         return text
 
 

@@ -142,6 +142,8 @@ def self_speculative_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
             stop = drafted >= limit
             if scorer is not None:
                 stop |= torch.from_numpy(spec.stop.unsure(scorer.score(exit_layer))).to(device)
+            if spec.stop_at_eos:
+                stop |= top1 == eos
             drafting &= ~stop
             token = top1
         count = len(drafts)

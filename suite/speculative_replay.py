@@ -13,7 +13,7 @@ recorded ``final_id[p + i]``. So for a cycle starting at ``p`` with draft limit
 - without a stopping rule the cycle drafts ``c = k_c`` tokens and accepts ``a = f``;
 - with one it drafts ``c = s + 1`` when the first unsure draft ``s`` lies within the
   recorded trajectory (``s <= f``, its score read at layer ``E - 1`` of the trace), and
-  accepts ``a = min(f, c)``. Otherwise the draft goes on past the first rejected token,
+  accepts ``a = min(f, c)`` (``stop_at_eos``: a drafted EOS counts as unsure). Otherwise the draft goes on past the first rejected token,
   where its context leaves the recorded trajectory: the trace does not say when it stops,
   so ``c`` is given as bounds ``[min(f + 2, k_c), k_c]`` (``f + 1`` when ``f`` reached the
   sequence's end). The accepted count never needs this (``a = f`` in either case);
@@ -109,11 +109,13 @@ def _next_index(flags: np.ndarray, ends: np.ndarray) -> np.ndarray:
 
 
 def replay_speculation(traces: TraceArrays, spec: SelfSpeculation, max_new_tokens: int,
-                       stop_score: np.ndarray | None = None) -> SpeculativeReplay:
+                       stop_score: np.ndarray | None = None,
+                       eos_token_id: int | None = None) -> SpeculativeReplay:
     """Every example's cycles under ``spec`` (see the module docstring). ``max_new_tokens``
     is the budget the traces were recorded with; ``stop_score`` (``[T]``, the stopping
     measure's score at the draft's exit layer) is computed from the traces when the spec
-    has a stopping rule and it is not given."""
+    has a stopping rule and it is not given; ``eos_token_id`` is needed with
+    ``stop_at_eos`` (a drafted EOS stops drafting like an unsure draft)."""
     num_layers = traces.num_layers
     spec.check(num_layers)
     if max_new_tokens < 1:
@@ -133,16 +135,24 @@ def replay_speculation(traces: TraceArrays, spec: SelfSpeculation, max_new_token
     matches = traces.top1_id[:, spec.exit_layer] == traces.final_id
     agreeing = _next_index(~matches, token_end) - token  # run of matches from each token
     agreed = np.minimum(agreeing, limit)  # f
-    if spec.stop is None:
+    if not spec.draft_stops:
         drafted_low = drafted_high = limit
         accepted = agreed
     else:
-        if stop_score is None:
-            stop_score = stop_scores(spec.stop, traces, spec.exit_layer)
-        stop_score = np.asarray(stop_score)
-        if stop_score.shape != (num_tokens,):
-            raise ValueError(f"stop_score has shape {stop_score.shape}, expected ({num_tokens},)")
-        unsure = _next_index(spec.stop.unsure(stop_score), token_end) - token  # s
+        stops = np.zeros(num_tokens, bool)
+        if spec.stop is not None:
+            if stop_score is None:
+                stop_score = stop_scores(spec.stop, traces, spec.exit_layer)
+            stop_score = np.asarray(stop_score)
+            if stop_score.shape != (num_tokens,):
+                raise ValueError(f"stop_score has shape {stop_score.shape}, expected "
+                                 f"({num_tokens},)")
+            stops |= spec.stop.unsure(stop_score)
+        if spec.stop_at_eos:
+            if eos_token_id is None:
+                raise ValueError("stop_at_eos needs the model's eos_token_id")
+            stops |= traces.top1_id[:, spec.exit_layer] == eos_token_id  # the draft's token
+        unsure = _next_index(stops, token_end) - token  # s
         known = (unsure <= agreed) & (unsure < limit) & (unsure < remaining)
         # not known: every draft up to the first rejected one (or to the limit) was sure
         past_rejected = np.minimum(np.where(agreed < remaining, agreed + 2, agreed + 1), limit)

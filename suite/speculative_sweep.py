@@ -79,7 +79,7 @@ def method_specs(method: MethodConfig, num_layers: int, stop_measure: Measure | 
             for threshold in thresholds:
                 stop = None if threshold is None else DraftStop(
                     stop_measure, float(threshold), method.stop.measure)  # type: ignore[union-attr]
-                spec = SelfSpeculation(int(depth), int(length), stop)
+                spec = SelfSpeculation(int(depth), int(length), stop, method.stop_at_eos)
                 try:
                     spec.check(num_layers)
                 except ExitbenchError as exc:
@@ -168,7 +168,8 @@ def _row(*, task: str, split: str, model, spec: SelfSpeculation, label: str, pro
 def replay_point(opened: OpenedTraces, spec: SelfSpeculation, max_new_tokens: int,
                  stop_score: np.ndarray | None) -> SpeculativeReplay:
     """One point's cycles, checked to emit exactly the recorded tokens."""
-    result = replay_speculation(opened.traces, spec, max_new_tokens, stop_score)
+    result = replay_speculation(opened.traces, spec, max_new_tokens, stop_score,
+                                opened.info.eos_token_id)
     emitted_tokens(opened.traces, result)
     return result
 
@@ -452,7 +453,7 @@ def method_online(ctx, method: MethodConfig, *, progress: Callable[[str], None] 
         for spec in specs:
             score = (stop_scores(spec.stop, scored, spec.exit_layer)
                      if spec.stop is not None else None)
-            replays[spec] = replay_speculation(ctx.traces, spec, max_new_tokens, score)
+            replays[spec] = replay_speculation(ctx.traces, spec, max_new_tokens, score, eos)
     rows, entries = [], []
     for batch_size in config.online.batch_sizes:
         warm_up(ctx, batch_size)

@@ -94,6 +94,20 @@ def test_replay_gives_bounds_where_the_stopping_rule_leaves_the_trace():
     np.testing.assert_array_equal(emitted_tokens(traces, result), traces.final_id)
 
 
+def test_stop_at_eos_stops_the_draft_where_the_trace_shows_an_eos():
+    traces = _two_examples()
+    result = replay_speculation(traces, SelfSpeculation(2, 8, stop_at_eos=True), 10,
+                                eos_token_id=1)
+    a = result.example_index == 0
+    # p=0: no EOS drafted up to the first rejection (2): the draft goes on off the trace;
+    # p=3: 8 9 EOS drafted and accepted: drafting stops after the EOS, exactly
+    assert result.accepted[a].tolist() == [2, 3]
+    assert result.drafted_low[a].tolist() == [4, 3]
+    assert result.drafted_high[a].tolist() == [8, 3]
+    with pytest.raises(ValueError, match="eos_token_id"):
+        replay_speculation(traces, SelfSpeculation(2, 8, stop_at_eos=True), 10)
+
+
 def test_draft_layer_view_hides_every_other_layer():
     traces = _two_examples()
     view = draft_layer_view(traces, 1)
@@ -258,16 +272,18 @@ def test_some_drafts_are_accepted_and_some_rejected(tiny):
     assert len(set(replayed.accepted.tolist())) > 2
 
 
-@pytest.mark.parametrize("measure,threshold", [("softmax_max", 0.05), ("softmax_margin", 0.02),
-                                               ("hidden_state_saturation", 0.5)])
+@pytest.mark.parametrize("measure,threshold,at_eos", [
+    ("softmax_max", 0.05, False), ("softmax_margin", 0.02, False),
+    ("hidden_state_saturation", 0.5, True), (None, None, True)])
 @pytest.mark.parametrize("batch_size", [1, 5])
-def test_online_drafts_lie_within_replay_bounds(tiny, measure, threshold, batch_size):
-    stop = DraftStop(get_measure(measure)(), threshold, measure)
-    spec = SelfSpeculation(3, 6, stop)
+def test_online_drafts_lie_within_replay_bounds(tiny, measure, threshold, at_eos, batch_size):
+    stop = DraftStop(get_measure(measure)(), threshold, measure) if measure else None
+    spec = SelfSpeculation(3, 6, stop, stop_at_eos=at_eos)
     rows, log = _decode_all(tiny["adapter"], tiny["sources"], tiny["ids"], STEPS, spec,
                             batch_size)
     assert rows == tiny["full"]
-    replayed = replay_speculation(tiny["traces"], spec, STEPS)
+    replayed = replay_speculation(tiny["traces"], spec, STEPS,
+                                  eos_token_id=tiny["adapter"].eos_token_id)
     log = _by_example(log)
     np.testing.assert_array_equal(log.accepted, replayed.accepted)
     assert np.all(replayed.drafted_low <= log.drafted)
