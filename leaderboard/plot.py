@@ -137,19 +137,17 @@ def point_title(row, metric: str) -> str:
 
 
 def method_setting(row) -> str:
-    """A decoding method's options for people: ``E=3 k=4``, plus the stopping rule and the
-    mean accepted tokens per cycle."""
+    """A decoding method's options for people (``E=3 k=4``, the stopping rule) and its mean
+    accepted tokens per cycle."""
     import json
+
+    from suite.speculative import options_label
 
     try:
         options = json.loads(row.method_options or "{}")
     except ValueError:
         return str(row.method_options)
-    text = " ".join(f"{'E' if key == 'draft_depth' else 'k' if key == 'draft_length' else key}"
-                    f"={value}" for key, value in options.items()
-                    if key not in ("stop_measure", "stop_threshold"))
-    if "stop_measure" in options:
-        text += f" stop {options['stop_measure']}<{options.get('stop_threshold')}"
+    text = options_label(options) if isinstance(options, dict) else str(options)
     if row.mean_accepted_tokens is not None:
         text += f", {row.mean_accepted_tokens:.2f} tokens/cycle"
     return text

@@ -206,6 +206,9 @@ class OnlineConfig(_Strict):
     profile: str | None = None
     """Hardware profile whose predicted tokens/s the fidelity report sets beside the measured
     ones; ``None``: the first of ``profiles``."""
+    measures: list[str] | None = None
+    """Labels of the measures decoded online (``None``: every measure; ``[]``: none, e.g.
+    when only the ``methods`` are to be measured)."""
 
 
 class SuiteConfig(_Strict):
@@ -343,7 +346,12 @@ def _check_names(config: SuiteConfig, path: str) -> None:
         if method.stop is not None and method.stop.measure not in MEASURES:
             errors.append(f"{path}: methods[{i}] ({method.name}).stop.measure: "
                           f"{MEASURES.unknown(method.stop.measure)}")
-    labels = [m.display_name for m in config.measures] + [m.display_name for m in config.methods]
+    measure_labels = [m.display_name for m in config.measures]
+    for name in config.online.measures or ():
+        if name not in measure_labels:
+            errors.append(f"{path}: online.measures: {name!r} is not one of the config's "
+                          f"measures ({', '.join(measure_labels) or 'none'})")
+    labels = measure_labels + [m.display_name for m in config.methods]
     for dup in sorted({n for n in labels if labels.count(n) > 1}):
         errors.append(f"{path}: measures: {dup!r} appears twice; give one a distinct 'label'")
     model_names = [m.name for m in config.models]

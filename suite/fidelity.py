@@ -524,10 +524,12 @@ def run_online(config: SuiteConfig, *, progress: bool = True) -> OnlineReport:
         torch.set_num_threads(config.online.threads)
     report = OnlineReport(errors={})
     started = time.perf_counter()
-    for task in config.tasks if config.measures else ():  # methods: speculative_sweep
+    online = [m for m in config.measures if config.online.measures is None
+              or m.display_name in config.online.measures]
+    for task in config.tasks if online else ():  # methods: speculative_sweep
         for model in config.models:
             ctx = open_context(config, task, model)
-            for measure in config.measures:
+            for measure in online:
                 path = online_part_path(config.output_dir, task.name, model.name,
                                         measure.display_name)
                 store_online_part(
@@ -628,7 +630,7 @@ def write_fidelity_report(config: SuiteConfig, out_dir: Path) -> Path:
     from suite.speculative_sweep import render_method_markdown
 
     atomic_write_text(out_dir / "fidelity.md", render_markdown(entries, summary, config)
-                      + render_method_markdown(entries))
+                      + render_method_markdown(entries, config))
     return out_dir / "fidelity.md"
 
 

@@ -135,13 +135,19 @@ class SelfSpeculation:
         return options
 
     def label(self) -> str:
-        """``E=3 k=4`` (plus ``stop softmax_max<0.5``)."""
-        text = f"E={self.draft_depth} k={self.draft_length}"
-        if self.stop is not None:
-            text += f" stop {self.stop.measure_name}<{self.stop.threshold:g}"
-        if self.stop_at_eos:
-            text += " stop at EOS"
-        return text
+        """``E=3 k=4`` (plus ``stop softmax_max<0.5``, ``stop at EOS``)."""
+        return options_label(self.options())
+
+
+def options_label(options: dict[str, Any]) -> str:
+    """A point's options (:meth:`SelfSpeculation.options`, a row's ``method_options``) for
+    people: ``E=3 k=4``, plus the stopping rule and ``stop at EOS``."""
+    text = f"E={options.get('draft_depth')} k={options.get('draft_length')}"
+    if "stop_measure" in options:
+        text += f" stop {options['stop_measure']}<{options.get('stop_threshold'):g}"
+    if options.get("stop_at_eos"):
+        text += " stop at EOS"
+    return text
 
 
 def draft_layer_view(traces: TraceArrays, exit_layer: int) -> TraceArrays:

@@ -42,6 +42,7 @@ from suite.speculative import (
     SelfSpeculation,
     method_code_hash,
     options_json,
+    options_label,
     stop_scores,
 )
 from suite.speculative_replay import (
@@ -607,16 +608,86 @@ def method_fidelity_entries(config: SuiteConfig) -> list[dict[str, Any]]:
             for entry in json.loads(path.read_text("utf-8"))["fidelity"]]
 
 
-def render_method_markdown(entries: list[dict[str, Any]]) -> str:
-    """The fidelity report's self-speculation section: online cycles beside replay's."""
+def _fmt(value, pattern: str = "{:.2f}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def _speedup_cell(row: ResultRow) -> str:
+    low, high = row.extra.get("speedup_bounds", [row.speedup, row.speedup])
+    return f"{low:.2f}" if abs(high - low) < 1e-9 else f"{low:.2f}-{high:.2f}"
+
+
+def render_replay_markdown(rows: list[ResultRow], profile: str | None) -> str:
+    """Per (task, model): every replayed self-speculative point on ``profile`` at each batch
+    size (mean accepted tokens, acceptance rate, predicted speedup; a range where replay
+    gives bounds) beside the best deployable exit measure's speedup within 1% quality."""
+    from suite.fronts import MAX_RELATIVE_LOSS
+
+    replayed = [r for r in rows if r.mode == "replay" and (profile is None
+                                                           or r.profile == profile)]
+    lines: list[str] = []
+    for task, model in sorted({(r.task, r.model) for r in replayed if r.method == METHOD}):
+        panel = [r for r in replayed if r.task == task and r.model == model]
+        profile_name = panel[0].profile if profile is None else profile
+        panel = [r for r in panel if r.profile == profile_name]
+        batches = sorted({r.batch_size for r in panel})
+        points: dict[tuple, dict[int, ResultRow]] = {}
+        for row in panel:
+            if row.method == METHOD:
+                points.setdefault((row.measure, row.method_options), {})[row.batch_size] = row
+        first = panel[0]
+        lines += [f"### {task} / {model} on {profile_name} (replayed)", "",
+                  f"{first.model_label}. Full depth: {first.metric} "
+                  f"{first.quality_full_depth:.2f} (every self-speculative point's quality).",
+                  "", "| series | point | mean accepted tokens | acceptance rate | "
+                  + " | ".join(f"speedup, batch {b}" for b in batches) + " |",
+                  "|" + "---|" * (4 + len(batches))]
+        for (series, options), by_batch in sorted(points.items(), key=lambda item: (
+                item[0][0], sorted(json.loads(item[0][1]).items()))):
+            row = next(iter(by_batch.values()))
+            stats = row.extra.get("statistics", {})
+            low, high = stats.get("acceptance_rate_low"), stats.get("acceptance_rate_high")
+            rate = _fmt(low) if low == high else f"{_fmt(low)}-{_fmt(high)}"
+            lines.append("| " + " | ".join(
+                [series, options_label(json.loads(options)), _fmt(row.mean_accepted_tokens),
+                 rate]
+                + [_speedup_cell(by_batch[b]) if b in by_batch else "-" for b in batches])
+                + " |")
+        best = []
+        for batch in batches:
+            floor = lambda r: r.quality_full_depth - MAX_RELATIVE_LOSS * abs(  # noqa: E731
+                r.quality_full_depth) - 1e-12
+            exits = [r for r in panel if r.batch_size == batch and r.method != METHOD
+                     and r.deployable and r.quality >= floor(r)]
+            top = max(exits, key=lambda r: r.speedup, default=None)
+            best.append(f"{top.speedup:.2f} ({top.measure} {top.threshold:g})" if top else "none")
+        lines += ["| best exit measure within 1% | | | | " + " | ".join(best) + " |", ""]
+    if not lines:
+        return ""
+    return "\n".join(["## Self-speculative decoding, replayed", "",
+                      "Predicted speedups over full depth from the cost model on the replayed "
+                      "cycles (a range: the trace leaves a stopping rule's draft count open "
+                      "past the first rejected draft). Beside them, the best deployable exit "
+                      "measure whose quality is within 1% of full depth.", "", *lines])
+
+
+def render_method_markdown(entries: list[dict[str, Any]],
+                           config: SuiteConfig | None = None) -> str:
+    """The fidelity report's self-speculation sections: with ``config``, every replayed
+    point (:func:`render_replay_markdown`, on the online profile); then online cycles beside
+    replay's."""
+    text = ""
+    if config is not None and config.methods:
+        from suite.runner import collect_results
+
+        text = render_replay_markdown(collect_results(config), config.online.profile or (
+            config.profiles[0] if config.profiles else None))
     method_entries = [e for e in entries if e.get("method") == METHOD]
     if not method_entries:
-        return ""
+        return text
+    fmt = _fmt
 
-    def fmt(value, pattern="{:.2f}") -> str:
-        return "-" if value is None else pattern.format(value)
-
-    lines = ["## Self-speculative decoding: online beside replay", "",
+    lines = [text, "## Self-speculative decoding: online beside replay", "",
              "Lossless by construction: online outputs are compared with the full-depth run's "
              "(token divergence should be 0). Accepted drafts per cycle online must equal "
              "replay's exactly; drafted counts must lie inside replay's bounds (exact without "

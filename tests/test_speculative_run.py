@@ -39,7 +39,7 @@ def test_run_and_fidelity_put_self_speculation_beside_the_measures(tmp_path, sam
                      "draft_depths": [2], "draft_lengths": [4],
                      "stop": {"measure": "softmax_max", "thresholds": [0.05, 0.5]}}],
         "profiles": ["generic_cpu", "a100_sxm_80gb"], "batch_sizes": [1, 4],
-        "online": {"batch_sizes": [1, 4], "threads": 1}, "record_batch_size": 3,
+        "online": {"batch_sizes": [1, 4], "threads": 1, "measures": []}, "record_batch_size": 3,
         "shard_size": 3, "ray": {"num_cpus": 1}}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -76,9 +76,10 @@ def test_run_and_fidelity_put_self_speculation_beside_the_measures(tmp_path, sam
         assert point["cycles"]["drafted_within_bounds"] == 1.0
         assert point["online_quality"] == point["replay_quality"]
         assert point["predicted_speedup"] > 0 and point["realised_speedup"] > 0
-    online = [r for r in read_results(out / "results")
-              if r.method == "self_speculative" and r.mode == "online"]
+    after = read_results(out / "results")
+    online = [r for r in after if r.method == "self_speculative" and r.mode == "online"]
     assert len(online) == len(points) and all(r.quality == r.quality_full_depth for r in online)
+    assert not [r for r in after if r.method == "early_exit" and r.mode == "online"]  # measures: []
     # a rerun reuses every stored part
     assert main(["fidelity", "--config", str(path), "--no-progress"]) == 0
     assert "0 measure(s) decoded" in capsys.readouterr().out
