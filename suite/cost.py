@@ -405,6 +405,23 @@ class MeasuredCosts:
                                  table.seconds) * one_token / np.maximum(at_table_context, 1e-30)
         return np.where(query <= 1, one_token, several)
 
+    def verify_setup(self, batch_size, query_len) -> np.ndarray:
+        """``begin_catch_up`` of a verification pass (masks, position bias), from the
+        verify table's ``setup_seconds``; ``0`` without it."""
+        table = self.tables.verify_layer_seconds
+        shape = np.broadcast(np.asarray(batch_size), np.asarray(query_len)).shape
+        if table is None or table.setup_seconds is None:
+            return np.zeros(shape)
+        return np.broadcast_to(interpolate_2d(batch_size, query_len, table.batch_sizes,
+                                              table.query_lens, table.setup_seconds), shape)
+
+    def position_bias(self, batch_size) -> np.ndarray:
+        """One step's relative position bias (``position_bias_seconds``; ``0`` without)."""
+        table = self.tables.position_bias_seconds
+        if table is None:
+            return np.zeros(np.shape(batch_size))
+        return interpolate_1d(batch_size, table.batch_sizes, table.seconds)
+
     def rollback(self, batch_size, context_len) -> np.ndarray:
         """The ``rollback_seconds`` table (acceptance and K/V rollback of a cycle; timed at
         one context length); ``0`` for profiles measured without it."""
@@ -723,14 +740,19 @@ def verification_layer_seconds(costs: OperationCosts, batch_size, context_len, s
     return costs.decoder_layer(batch_size, context_len, source_len, query_len)
 
 
+def _optional(costs: OperationCosts, name: str, *args) -> np.ndarray:
+    """An operation only some costs price (measured tables added later): 0 elsewhere."""
+    price = getattr(costs, name, None)
+    if price is None:
+        return np.zeros(np.broadcast(*map(np.asarray, args)).shape)
+    return price(*args)
+
+
 def rollback_seconds(costs: OperationCosts, batch_size, context_len) -> np.ndarray:
     """Accepting a cycle's drafts and rolling back every layer's K/V of the rejected
     positions, for ``batch_size`` rows with ``context_len`` cached keys (``0`` for costs that
     do not price it: measured profiles timed before the table existed)."""
-    rollback = getattr(costs, "rollback", None)
-    if rollback is None:
-        return np.zeros(np.broadcast(np.asarray(batch_size), np.asarray(context_len)).shape)
-    return rollback(batch_size, context_len)
+    return _optional(costs, "rollback", batch_size, context_len)
 
 
 @dataclass(frozen=True)
@@ -774,10 +796,13 @@ def speculative_cost(costs: OperationCosts, dims: ModelDims, draft_depth: int, e
     cycle, with ``R`` rows: ``c`` draft steps (step ``i``: fixed + ``E`` layers at
     ``S + i + 1`` keys + the LM head at ``E - 1`` + the stopping check there, whose LM head
     is the draft's own), one verification (fixed + ``E`` layers for the last draft token +
-    ``L - E`` layers over ``c + 1`` queries at ``S + c + 1`` keys
-    (:func:`verification_layer_seconds`) + the LM head over ``R (c + 1)`` rows) and, when it
-    drafted, a rollback (:func:`rollback_seconds`). A cycle that drafts nothing (its budget
-    allows one token) is a full-depth step. Plus the encoder prefill once per batch."""
+    the pass's set-up (``begin_catch_up``) + ``L - E`` layers over ``c + 1`` queries at
+    ``S + c + 1`` keys (:func:`verification_layer_seconds`) + the LM head over ``R (c + 1)``
+    rows) and, when it drafted, a rollback (:func:`rollback_seconds`). A pass of ``E < L``
+    layers also pays ``(1 - E / L)`` of a step's position bias, which the layer table
+    spreads over the depth (measured profiles; 0 on simulated ones, whose layers do not
+    count it). A cycle that drafts nothing (its budget allows one token) is a full-depth
+    step. Plus the encoder prefill once per batch."""
     num_layers = dims.num_layers
     if not 1 <= draft_depth <= num_layers - 1:
         raise CostModelError(f"draft_depth {draft_depth} is outside 1..{num_layers - 1}")
@@ -820,15 +845,23 @@ def speculative_cost(costs: OperationCosts, dims: ModelDims, draft_depth: int, e
     step_group = np.repeat(np.arange(rows.size), steps)
     step_index = np.arange(step_group.size) - np.repeat(np.cumsum(steps) - steps, steps)
     step_rows = rows[step_group]
+    # block 0 computes a pass's position bias whatever its depth; the layer tables spread
+    # it over the L layers, so a pass of E layers pays (1 - E / L) of it more
+    shallow_bias = (1 - draft_depth / num_layers) * _optional(costs, "position_bias", rows)
     draft = fixed + draft_depth * costs.decoder_layer(
-        step_rows, context[step_group] + step_index + 1, source[step_group]) + head[step_group]
+        step_rows, context[step_group] + step_index + 1, source[step_group]) \
+        + head[step_group] + shallow_bias[step_group]
     if stop_check is not None:
         draft = draft + costs.measure_check(stop_check, step_rows, stop_measure)
 
     verified_context = context + steps + 1
+    deep = np.where(steps > 0, _optional(costs, "verify_setup", rows, steps + 1)
+                    + (num_layers - draft_depth) * verification_layer_seconds(
+                        costs, rows, verified_context, source, steps + 1),
+                    (num_layers - draft_depth) * costs.decoder_layer(rows, verified_context,
+                                                                     source))
     verify = fixed + draft_depth * costs.decoder_layer(rows, verified_context, source) \
-        + (num_layers - draft_depth) * verification_layer_seconds(
-            costs, rows, verified_context, source, steps + 1) + costs.lm_head(rows * (steps + 1))
+        + np.where(steps > 0, shallow_bias, 0.0) + deep + costs.lm_head(rows * (steps + 1))
     rollback = np.where(steps > 0, rollback_seconds(costs, rows, verified_context), 0.0)
     return SpeculativeCost(draft_seconds=float(np.sum(draft)), verify_seconds=float(np.sum(verify)),
                            rollback_seconds=float(np.sum(rollback)), prefill_seconds=prefill,

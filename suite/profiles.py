@@ -228,10 +228,17 @@ class VerifyLayerTable(_GridTable):
     query_lens: list[PositiveInt] = Field(min_length=1)
     context_len: PositiveInt
     source_len: PositiveInt
+    setup_seconds: list[list[NonNegativeFloat]] | None = None
+    """``[batch][query length]``: ``begin_catch_up``, the masks and relative position bias
+    of the pass (once per verification, not per layer)."""
 
     @model_validator(mode="after")
     def _shape(self) -> VerifyLayerTable:
         self._check_grid(self.query_lens, "query_lens")
+        if self.setup_seconds is not None and (
+                len(self.setup_seconds) != len(self.batch_sizes)
+                or any(len(row) != len(self.query_lens) for row in self.setup_seconds)):
+            raise ValueError("setup_seconds must be [batch][query length] like seconds")
         return self
 
 
@@ -255,6 +262,9 @@ class MeasuredTables(_Strict):
     rollback_seconds: BatchTable | None = None
     """Self-speculation's per-cycle acceptance and K/V rollback of rejected drafts (``0``
     in profiles measured before it)."""
+    position_bias_seconds: BatchTable | None = None
+    """One step's relative position bias (block 0 computes it for every pass; the decoder
+    table spreads it over the depth), for pricing passes shallower than the model."""
 
 
 class MeasuredEnvironment(_Strict):

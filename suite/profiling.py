@@ -25,10 +25,14 @@ on the model the tables are for, with random token ids (timings do not depend on
 - **encoder prefill** ``[batch, source]``: ``T5Adapter.start`` (the encoder) plus the
   cross-attention K/V of every decoder layer, stored in the cache as the first decoding
   step would.
-- **verification pass** ``[batch, query length]`` (self-speculative decoding): ``q`` new
-  positions per row through every layer in one causal pass (``begin_step`` with ``[B, q]``
-  tokens) over a cache of ``context - q`` keys, at the middle context; the table is the
-  layers' time divided by the depth, like the decoder-layer table.
+- **verification pass** ``[batch, query length]`` (self-speculative decoding): as the
+  decoder runs its deep part, ``begin_catch_up`` (masks and relative position bias of ``q``
+  queries: ``setup_seconds``, once per verification) and then ``q`` positions per row
+  through layers ``1..L-1`` whose caches lack them, at the middle context; the table is
+  those layers' time divided by ``L - 1`` (no position bias inside: it is the set-up's).
+- **position bias** ``[batch]``: one step's relative position bias, which block 0 computes
+  for every pass; the decoder-layer table spreads it over the ``L`` layers, so a draft step
+  of ``E`` layers is priced ``(1 - E / L)`` of it more.
 - **rollback** ``[batch]`` (self-speculative decoding): a cycle's acceptance
   (:func:`suite.speculative_online.accept_drafts`) and the rollback of the rejected
   positions from every layer's cache, rows rejecting different counts (so rows are
@@ -437,27 +441,30 @@ def kv_fill_entry(bench: DecoderBench, context: int) -> Entry:
     return Entry(op=op, setup=setup)
 
 
-VERIFY_PHASES = ("begin", "layers")
+VERIFY_PHASES = ("setup", "layers")
 
 
 def verify_entry(bench: DecoderBench, context: int, query_len: int,
                  sync: Callable[[], None], generator: torch.Generator) -> Entry:
-    """A verification pass: ``query_len`` positions per row through every layer at once,
-    attending to ``context`` keys (``context - query_len`` cached), each part timed; the
-    ``layers`` phase / depth is the table. The set-up runs an untimed one-token step first,
-    as the draft steps before a verification leave the weights warm."""
+    """A verification pass as :func:`suite.speculative_online.self_speculative_decode` runs
+    its deep part: layer 0 holds ``context`` keys, layers ``1..L-1`` lack the last
+    ``query_len`` positions; ``setup`` is ``begin_catch_up`` (the masks and relative
+    position bias of ``query_len`` queries, paid once per verification), ``layers`` runs the
+    ``query_len`` positions through layers ``1..L-1`` (/ ``L - 1``: the per-layer table). The
+    set-up runs an untimed one-token step first, as the draft steps leave the weights warm."""
     adapter = bench.adapter
     batch = bench.next_ids.shape[0]
-    tokens = torch.randint(2, adapter.dims.vocab_size, (batch, query_len),
-                           generator=generator).to(adapter.device)
+    hidden_in = torch.randn(batch, query_len, adapter.dims.d_model,
+                            generator=generator).to(adapter.device, adapter.dtype)
 
     def op() -> tuple[float, float]:
         sync()
         t0 = time.perf_counter()
-        hidden = adapter.begin_step(bench.state, tokens)
+        adapter.begin_catch_up(bench.state, 1, query_len)
         sync()
         t1 = time.perf_counter()
-        for layer in range(adapter.num_layers):
+        hidden = hidden_in
+        for layer in range(1, adapter.num_layers):
             hidden = adapter.run_layer(bench.state, layer, hidden)
         sync()
         return t1 - t0, time.perf_counter() - t1
@@ -467,8 +474,22 @@ def verify_entry(bench: DecoderBench, context: int, query_len: int,
         hidden = adapter.begin_step(bench.state, bench.next_ids)
         for layer in range(adapter.num_layers):
             hidden = adapter.run_layer(bench.state, layer, hidden)
+        first = bench.state.cache.self_attention_cache.layers[0]
+        keys, values = bench.snapshots[max(bench.snapshots)][0]
+        first.keys, first.values = keys[..., :context, :], values[..., :context, :]
 
     return Entry(op=op, setup=setup, phases=VERIFY_PHASES)
+
+
+def position_bias_entry(bench: DecoderBench, context: int) -> Entry:
+    """One step's relative position bias (one query over ``context`` keys), which T5's
+    block 0 computes for every pass whatever its depth: a draft step of ``E < L`` layers
+    pays all of it, while the decoder-layer table spreads it over ``L`` layers."""
+    attention = bench.adapter.blocks[0].layer[0].SelfAttention
+    device = bench.adapter.device
+    return Entry(op=lambda: attention.compute_bias(1, context, device=device,
+                                                   past_seen_tokens=context - 1),
+                 setup=lambda: bench.first_block(context))
 
 
 def rollback_entry(bench: DecoderBench, context: int, draft_length: int) -> Entry:
@@ -694,8 +715,12 @@ def measure_profile(adapter, settings: ProfileSettings, *, model_id: str, name: 
     lm_head, kv_fill, fixed = [0.0] * len(batches), [0.0] * len(batches), {}
     checks: dict[str, list[float]] = {measure: [0.0] * len(batches) for measure in measures}
     query_lens = list(settings.query_lens)
+    if dims.num_layers < 2:  # no deep part to verify with
+        query_lens = []
     verify = [[0.0] * len(query_lens) for _ in batches]
+    verify_setup = [[0.0] * len(query_lens) for _ in batches]
     rollback = [0.0] * len(batches)
+    position_bias = [0.0] * len(batches)
     methods: dict[str, str] = {}
     with torch.inference_mode():
         for b, batch in enumerate(batches):
@@ -716,6 +741,7 @@ def measure_profile(adapter, settings: ProfileSettings, *, model_id: str, name: 
                                                       timer.sync, generator)
             entries[("rollback",)] = rollback_entry(bench, middle_context,
                                                     max(query_lens, default=2) - 1)
+            entries[("bias",)] = position_bias_entry(bench, middle_context)
             seconds = timer.time_entries(entries)
             steps = [seconds[("step", c)] for c in range(len(contexts))]
             phase = {name: [step[i] for step in steps] for i, name in enumerate(STEP_PHASES)}
@@ -728,8 +754,10 @@ def measure_profile(adapter, settings: ProfileSettings, *, model_id: str, name: 
             kv_fill[b] = seconds[("kv_fill",)]
             for measure_name in measures:
                 checks[measure_name][b] = seconds[("check", measure_name)]
-            verify[b] = [seconds[("verify", q)][1] / dims.num_layers
+            verify[b] = [seconds[("verify", q)][1] / max(1, dims.num_layers - 1)
                          for q in range(len(query_lens))]
+            verify_setup[b] = [seconds[("verify", q)][0] for q in range(len(query_lens))]
+            position_bias[b] = seconds[("bias",)]
             rollback[b] = seconds[("rollback",)]
             del bench, entries
             log(f"batch {batch}: decoder layer "
@@ -785,13 +813,16 @@ def measure_profile(adapter, settings: ProfileSettings, *, model_id: str, name: 
             "fixed_step_seconds": _round(statistics.median(fixed.values())),
             "rollback_seconds": {"batch_sizes": batches,
                                  "seconds": [_round(t) for t in rollback]},
+            "position_bias_seconds": {"batch_sizes": batches,
+                                      "seconds": [_round(t) for t in position_bias]},
         },
     }
     if query_lens:
         data["tables"]["verify_layer_seconds"] = {
             "batch_sizes": batches, "query_lens": query_lens,
             "context_len": int(middle_context), "source_len": int(settings.source_len),
-            "seconds": [[_round(t) for t in row] for row in verify]}
+            "seconds": [[_round(t) for t in row] for row in verify],
+            "setup_seconds": [[_round(t) for t in row] for row in verify_setup]}
     return ProfileRun(data=data, check_methods=methods, skipped_measures=tuple(skipped),
                       fixed_step_by_batch=fixed, seconds=time.perf_counter() - started)
 

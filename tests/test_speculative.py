@@ -200,6 +200,26 @@ def test_cost_of_a_hand_built_schedule_equals_the_hand_computation():
     assert batched.num_cycles == 3 and batched.draft_steps == 3
 
 
+class SetupCosts(LinearCosts):
+    """With the two measured-only terms: a step's position bias and a verification's set-up."""
+
+    def position_bias(self, batch_size):
+        return 0.6 + 0.0 * np.asarray(batch_size, np.float64)
+
+    def verify_setup(self, batch_size, query_len):
+        return 0.1 * np.asarray(query_len, np.float64) + 0.0 * np.asarray(batch_size)
+
+
+def test_shallow_passes_pay_the_rest_of_the_position_bias_and_verifications_their_set_up():
+    plain = speculative_cost(LinearCosts(), DIMS, 1, [0, 0], [0, 3], [2, 0], [5], 1, 4)
+    setup = speculative_cost(SetupCosts(), DIMS, 1, [0, 0], [0, 3], [2, 0], [5], 1, 4)
+    # E = 1 of 4 layers: each draft step and the verification's one-token pass pay 3/4 of
+    # the 0.6 s bias; the verification of c = 2 drafts its set-up for 3 queries (0.3 s); the
+    # full-depth step of cycle 1 neither
+    assert setup.draft_seconds - plain.draft_seconds == pytest.approx(2 * 0.75 * 0.6)
+    assert setup.verify_seconds - plain.verify_seconds == pytest.approx(0.75 * 0.6 + 0.3)
+
+
 def test_cost_refuses_cycles_out_of_order():
     with pytest.raises(ExitbenchError, match="example order"):
         speculative_cost(LinearCosts(), DIMS, 1, [1, 0], [0, 0], [1, 1], [5, 5], 1, 2)
@@ -341,6 +361,8 @@ def test_profile_measures_the_verification_pass_and_the_rollback():
     assert verify["query_lens"] == [2, 3, 5, 9] and verify["context_len"] == 12
     assert len(verify["seconds"]) == 2 and all(t > 0 for row in verify["seconds"] for t in row)
     assert all(t > 0 for t in tables["rollback_seconds"]["seconds"])
+    assert all(t > 0 for row in verify["setup_seconds"] for t in row)
+    assert all(t > 0 for t in tables["position_bias_seconds"]["seconds"])
     profile = parse_profile(run.data, name="tiny2")
     costs = MeasuredCosts(profile, adapter.dims)
     one = verification_layer_seconds(costs, 1, 12, 8, 1)
