@@ -60,6 +60,8 @@ class MeasureInfo:
     failures: list[MeasureFailure] = field(default_factory=list)
     submission: dict[str, Any] | None = None
     """Name, options, SHA-256, origin and time of a stored submission."""
+    method: str | None = None
+    """A decoding method's name (``self_speculative``) when the series is one, not a measure."""
 
 
 def _from_record(name: str, record: dict[str, Any]) -> MeasureInfo:
@@ -122,6 +124,29 @@ def _find_dims(model: str, rows: list[ResultRow], *sources: Any) -> tuple[dict[s
             if found:
                 return found, label
     return None
+
+
+METHOD_DESCRIPTIONS = {
+    "self_speculative": "Self-speculative decoding (LayerSkip-style): the first E decoder "
+                        "layers draft up to k tokens through the exit head at layer E-1, the "
+                        "remaining layers verify them in one parallel pass and the leading "
+                        "drafts the full model agrees with are kept. Lossless: the output is "
+                        "full-depth greedy decoding's, so every point sits at full-depth "
+                        "quality; its points differ in speed (E, k and the stopping rule are "
+                        "shown per point)."}
+
+
+def describe_method(name: str, rows: list[ResultRow]) -> MeasureInfo:
+    """A decoding method's series (rows with ``method`` other than ``early_exit``)."""
+    from suite.speculative import method_code_hash
+
+    method = rows[0].method
+    info = MeasureInfo(name, True, source=f"decoding method {method}", method=method,
+                       description=METHOD_DESCRIPTIONS.get(method, f"decoding method {method}"),
+                       reads=["top1_id", "final_id"], needs_fit=False, deployable=True)
+    if method == "self_speculative":
+        info.installed_code_hash = method_code_hash()
+    return info
 
 
 def describe_measure(name: str, rows: list[ResultRow], metadata: dict[str, Any],

@@ -154,7 +154,9 @@ def point_title(row, metric: str) -> str:
                f"{row.tpot_p99_seconds * 1e3:.3g} ms"
                if getattr(row, "ttft_p99_seconds", None) is not None
                and getattr(row, "tpot_p99_seconds", None) is not None else "")
-    title = (f"{row.measure}{mode}\nthreshold {row.threshold:g}\n{metric} {row.quality:.2f}{ci}\n"
+    setting = (f"threshold {row.threshold:g}" if row.method == "early_exit"
+               else f"{row.method} {method_setting(row)}")
+    title = (f"{row.measure}{mode}\n{setting}\n{metric} {row.quality:.2f}{ci}\n"
              f"{format_rate(row.tokens_per_s)} tokens/s ({row.speedup:.2f}x full depth)\n"
              f"mean layers {row.mean_layers_used:.2f} of {row.num_layers}{latency}")
     calibration = row.extra.get("calibration") if isinstance(row.extra, dict) else None
@@ -163,6 +165,23 @@ def point_title(row, metric: str) -> str:
                   f"probability >= 1 - {calibration.get('delta')}; test risk "
                   f"{calibration.get('test_risk')}")
     return title
+
+
+def method_setting(row) -> str:
+    """A decoding method's options for people (``E=3 k=4``, the stopping rule) and its mean
+    accepted tokens per cycle."""
+    import json
+
+    from suite.speculative import options_label
+
+    try:
+        options = json.loads(row.method_options or "{}")
+    except ValueError:
+        return str(row.method_options)
+    text = options_label(options) if isinstance(options, dict) else str(options)
+    if row.mean_accepted_tokens is not None:
+        text += f", {row.mean_accepted_tokens:.2f} tokens/cycle"
+    return text
 
 
 def colour_class(measure: str, colour_index: dict[str, int]) -> str:

@@ -37,9 +37,14 @@ import jinja2
 import numpy as np
 from markupsafe import Markup, escape
 
-from leaderboard.describe import describe_measure, describe_profile, recorded_measures
+from leaderboard.describe import (
+    describe_measure,
+    describe_method,
+    describe_profile,
+    recorded_measures,
+)
 from leaderboard.inputs import LeaderboardError, RunInputs, read_run
-from leaderboard.plot import PALETTE_SIZE, colour_class, format_rate, panel_figure
+from leaderboard.plot import PALETTE_SIZE, colour_class, format_rate, method_setting, panel_figure
 from suite import __version__
 from suite.atomic import temp_dir_beside
 from suite.fronts import (
@@ -202,6 +207,8 @@ class RankingRow:
     ttft_p99: float | None = None
     latency_text: str = "n/a"
     over_limits: bool = False
+    lossless_speedup: float = math.nan
+    mean_accepted_tokens: float | None = None
 
 
 @dataclass
@@ -274,7 +281,8 @@ def _ranking(panel: Panel, root: str, measure_slugs: dict[str, str],
                        f"{above.statistic}: difference {above.difference:+.3g}, p = "
                        f"{above.p_value:.3f} (paired bootstrap, {above.resamples} resamples)"
                        if tie else ""),
-            ttft_p99=ttft, latency_text=latency_text, over_limits=over))
+            ttft_p99=ttft, latency_text=latency_text, over_limits=over,
+            lossless_speedup=s.lossless_speedup, mean_accepted_tokens=s.mean_accepted_tokens))
     return rows
 
 
@@ -632,14 +640,17 @@ def build_site_report(results_dir: str | Path, out_dir: str | Path, *,
     rows_by_measure: dict[str, list] = defaultdict(list)
     for row in rows:
         rows_by_measure[row.measure].append(row)
-    measure_infos = {m: describe_measure(m, rows_by_measure[m], inputs.metadata,
-                                         inputs.run_manifest) for m in page_measures}
+    measure_infos = {m: describe_method(m, rows_by_measure[m])
+                     if rows_by_measure[m] and rows_by_measure[m][0].method != "early_exit"
+                     else describe_measure(m, rows_by_measure[m], inputs.metadata,
+                                           inputs.run_manifest) for m in page_measures}
     failed_measures = [(m, measure_infos[m]) for m in page_measures
                        if measure_infos[m].status != "ok" or measure_infos[m].failures]
     for name, info in measure_infos.items():
         if info.problem:
             notes.append(f"measure {name!r}: {info.problem}")
         if name in measures and name not in inputs.validation and inputs.run_dir is not None \
+                and not info.method \
                 and (inputs.run_dir / "validation").is_dir():
             notes.append(f"measure {name!r}: no validation report in validation/")
     profile_infos = {p: describe_profile(p, inputs.run_manifest) for p in profiles}
@@ -660,7 +671,8 @@ def build_site_report(results_dir: str | Path, out_dir: str | Path, *,
         has_analysis=bool(inputs.analysis_files), site_data=site_data, batch_sizes=batch_sizes,
         default_batch=default_batch, models=models,
         measure_slugs=measure_slugs, profile_slugs=profile_slugs, colour_index=colour_index,
-        colour_class=colour_class, baseline_measure=BASELINE_MEASURE)
+        colour_class=colour_class, baseline_measure=BASELINE_MEASURE,
+        method_setting=method_setting)
 
     tmp = temp_dir_beside(out_dir)
     try:

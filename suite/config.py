@@ -110,6 +110,52 @@ class MeasureConfig(_Strict):
         return f"{self.name} ({suffix})" if suffix else self.name
 
 
+class DraftStopConfig(_Strict):
+    """Self-speculation's optional draft-stopping rule: stop drafting after a token whose
+    score by ``measure`` at the draft's exit layer is below the threshold."""
+
+    measure: str
+    """A registered measure (``exitbench ls measures``)."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    thresholds: list[float] = Field(min_length=1)
+    """Each threshold is a point of the sweep."""
+
+
+class MethodConfig(_Strict):
+    """A decoding method beside early exit, swept over its options: every combination is
+    a point (a result row per profile and batch size)."""
+
+    name: Literal["self_speculative"]
+    """``self_speculative``: LayerSkip-style drafting with the first ``E`` layers, verified
+    by the rest in one pass (lossless; docs/self_speculative.md)."""
+    label: str | None = None
+    """Series name in results; defaults to ``name`` (set it for several entries)."""
+    draft_depths: list[int] | None = None
+    """``E`` values: the draft runs layers ``0..E-1``; ``None``: every ``1..L-1``."""
+    draft_lengths: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1)
+    """``k`` values: tokens drafted per cycle at most."""
+    stop: DraftStopConfig | None = None
+    stop_at_eos: bool = False
+    """Stop drafting after a drafted EOS, as LayerSkip does (draft counts become bounds
+    where the draft leaves the trace); off: every cycle drafts ``min(k, budget - 1)``."""
+    online_draft_depths: list[int] | None = None
+    """The ``E`` values ``exitbench online`` / ``fidelity`` decode (``None``: the sweep's)."""
+    online_draft_lengths: list[int] | None = None
+    """The ``k`` values decoded online (``None``: the sweep's)."""
+
+    @property
+    def display_name(self) -> str:
+        return self.label or self.name
+
+    @field_validator("draft_depths", "draft_lengths", "online_draft_depths",
+                     "online_draft_lengths")
+    @classmethod
+    def _positive(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or any(v < 1 for v in value)):
+            raise ValueError("must be a non-empty list of integers >= 1")
+        return value
+
+
 class TokenizerConfig(_Strict):
     """A SentencePiece tokenizer the suite trains for its own backbones."""
 
@@ -206,6 +252,9 @@ class OnlineConfig(_Strict):
     profile: str | None = None
     """Hardware profile whose predicted tokens/s the fidelity report sets beside the measured
     ones; ``None``: the first of ``profiles``."""
+    measures: list[str] | None = None
+    """Labels of the measures decoded online (``None``: every measure; ``[]``: none, e.g.
+    when only the ``methods`` are to be measured)."""
 
 
 class SandboxConfig(_Strict):
@@ -278,6 +327,9 @@ class SuiteConfig(_Strict):
     models: list[ModelConfig] = Field(default_factory=list)
     measures: list[MeasureConfig] = Field(default_factory=list)
     """Bare names or ``{name, options, label, min_layer, thresholds}`` mappings."""
+    methods: list[MethodConfig] = Field(default_factory=list)
+    """Decoding methods beside early exit (``self_speculative``), replayed and priced on
+    the same traces, profiles and batch sizes as the measures."""
     profiles: list[str] = Field(default_factory=list)
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32])
     record_batch_size: int = Field(default=8, ge=1)
@@ -409,7 +461,8 @@ def _model_for(loc: tuple[Any, ...]) -> type[BaseModel]:
                       "online": OnlineConfig, "sandbox": SandboxConfig,
                       "uncertainty": UncertaintyConfig, "schedule": ScheduleConfig,
                       "calibration": CalibrationConfig,
-                      "targets": CalibrationTarget}.get(str(item))
+                      "targets": CalibrationTarget, "methods": MethodConfig,
+                      "stop": DraftStopConfig}.get(str(item))
         if annotation is None:
             break
         model = annotation
@@ -436,7 +489,16 @@ def _check_names(config: SuiteConfig, path: str) -> None:
                 continue  # a profile YAML file: checked when it is loaded
             if name not in registry:
                 errors.append(f"{path}: {key}[{i}]: {registry.unknown(name)}")
-    labels = [m.display_name for m in config.measures]
+    for i, method in enumerate(config.methods):
+        if method.stop is not None and method.stop.measure not in MEASURES:
+            errors.append(f"{path}: methods[{i}] ({method.name}).stop.measure: "
+                          f"{MEASURES.unknown(method.stop.measure)}")
+    measure_labels = [m.display_name for m in config.measures]
+    for name in config.online.measures or ():
+        if name not in measure_labels:
+            errors.append(f"{path}: online.measures: {name!r} is not one of the config's "
+                          f"measures ({', '.join(measure_labels) or 'none'})")
+    labels = measure_labels + [m.display_name for m in config.methods]
     for dup in sorted({n for n in labels if labels.count(n) > 1}):
         errors.append(f"{path}: measures: {dup!r} appears twice; give one a distinct 'label'")
     for i, target in enumerate(config.calibration.targets if config.calibration else []):
@@ -474,5 +536,5 @@ def load_config(path: str | Path) -> SuiteConfig:
     return parse_config(data, str(path), base_dir=path.parent)
 
 
-__all__ = ["SuiteConfig", "AnalysisConfig", "OnlineConfig", "TaskConfig", "ModelConfig", "MeasureConfig", "RayConfig", "load_config",
+__all__ = ["SuiteConfig", "AnalysisConfig", "OnlineConfig", "TaskConfig", "ModelConfig", "MeasureConfig", "MethodConfig", "DraftStopConfig", "RayConfig", "load_config",
            "parse_config", "ConfigError", "UnknownNameError"]

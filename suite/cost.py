@@ -267,6 +267,17 @@ class SimulatedCosts:
         return self.memory_required_bytes(batch_size, context_len, source_len) \
             <= self.profile.memory_bytes
 
+    def rollback(self, batch_size, context_len) -> np.ndarray:
+        """At one row a rollback is a crop (a view: no device work). Rows that keep different
+        counts are realigned: every layer's K and V are gathered (read and written once)."""
+        batch = np.asarray(batch_size, np.float64)
+        context = np.asarray(context_len, np.float64)
+        inner = self.dims.num_heads * self.dims.d_kv
+        values = 2 * 2 * self.dims.num_layers * batch * inner * context  # K and V, read + write
+        kernels = 2 * self.dims.num_layers + 4  # one gather per layer and tensor, the slot mask
+        gathered = self._roofline(np.zeros_like(values), values * self.bytes_per_value, kernels)
+        return np.where(batch > 1, gathered.seconds, 0.0)
+
 
 # -- measured tables ---------------------------------------------------------------------------
 def _axis_weights(x: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -405,6 +416,51 @@ class MeasuredCosts:
 
     def fixed_step(self) -> float:
         return float(self.tables.fixed_step_seconds)
+
+    def verify_layer(self, batch_size, context_len, source_len, query_len) -> np.ndarray:
+        """A layer over ``query_len`` positions per row (self-speculation's verification):
+        the ``verify_layer_seconds`` table scaled by the decoder table's context
+        dependence, or ``batch x query_len`` one-token rows without the table."""
+        table = self.tables.verify_layer_seconds
+        query = np.asarray(query_len, np.float64)
+        if table is None:
+            return self.decoder_layer(batch_size, context_len, source_len, query_len)
+        batch, query, context = np.broadcast_arrays(np.asarray(batch_size, np.float64), query,
+                                                    np.asarray(context_len, np.float64))
+        one_token = self.decoder_layer(batch, context, source_len)
+        # the table was timed at one context length: scale its per-query-length times by the
+        # one-token layer's context dependence, read from the decoder table
+        at_table_context = self.decoder_layer(batch, np.full(batch.shape, float(table.context_len)),
+                                              source_len)
+        several = interpolate_2d(batch, query, table.batch_sizes, table.query_lens,
+                                 table.seconds) * one_token / np.maximum(at_table_context, 1e-30)
+        return np.where(query <= 1, one_token, several)
+
+    def verify_setup(self, batch_size, query_len) -> np.ndarray:
+        """``begin_catch_up`` of a verification pass (masks, position bias), from the
+        verify table's ``setup_seconds``; ``0`` without it."""
+        table = self.tables.verify_layer_seconds
+        shape = np.broadcast(np.asarray(batch_size), np.asarray(query_len)).shape
+        if table is None or table.setup_seconds is None:
+            return np.zeros(shape)
+        return np.broadcast_to(interpolate_2d(batch_size, query_len, table.batch_sizes,
+                                              table.query_lens, table.setup_seconds), shape)
+
+    def position_bias(self, batch_size) -> np.ndarray:
+        """One step's relative position bias (``position_bias_seconds``; ``0`` without)."""
+        table = self.tables.position_bias_seconds
+        if table is None:
+            return np.zeros(np.shape(batch_size))
+        return interpolate_1d(batch_size, table.batch_sizes, table.seconds)
+
+    def rollback(self, batch_size, context_len) -> np.ndarray:
+        """The ``rollback_seconds`` table (acceptance and K/V rollback of a cycle; timed at
+        one context length); ``0`` for profiles measured without it."""
+        table = self.tables.rollback_seconds
+        shape = np.broadcast(np.asarray(batch_size), np.asarray(context_len)).shape
+        if table is None:
+            return np.zeros(shape)
+        return np.broadcast_to(interpolate_1d(batch_size, table.batch_sizes, table.seconds), shape)
 
 
 def operation_costs(profile: HardwareProfile, dims: ModelDims, dtype: str,
@@ -731,3 +787,149 @@ def price_replay(costs: OperationCosts, dims: ModelDims, exit_layer, example_ind
     seconds = breakdown.seconds
     return ReplayCost(seconds=seconds, tokens_per_s=breakdown.tokens_per_s,
                       speedup=full / seconds, full_depth_seconds=full, breakdown=breakdown)
+
+
+# -- self-speculative decoding -------------------------------------------------------------------
+# A cycle (suite.speculative): ``c`` draft steps of layers 0..E-1 with the exit head at E-1,
+# then one verification pass (the last draft token through layers 0..E-1, layers E..L-1 over
+# the ``c + 1`` positions, the LM head at each), then the rollback of rejected positions.
+def verification_layer_seconds(costs: OperationCosts, batch_size, context_len, source_len,
+                               query_len) -> np.ndarray:
+    """One decoder layer running ``query_len`` positions per row together (a verification
+    pass), attending to ``context_len`` keys: the measured profile's ``verify_layer_seconds``
+    table where it has one, else :meth:`OperationCosts.decoder_layer` with ``query_len``
+    (the roofline prices the query tokens; a measured profile without the table prices
+    them as ``batch x query_len`` rows of one-token steps)."""
+    verify = getattr(costs, "verify_layer", None)
+    if verify is not None:
+        return verify(batch_size, context_len, source_len, query_len)
+    return costs.decoder_layer(batch_size, context_len, source_len, query_len)
+
+
+def _optional(costs: OperationCosts, name: str, *args) -> np.ndarray:
+    """An operation only some costs price (measured tables added later): 0 elsewhere."""
+    price = getattr(costs, name, None)
+    if price is None:
+        return np.zeros(np.broadcast(*map(np.asarray, args)).shape)
+    return price(*args)
+
+
+def rollback_seconds(costs: OperationCosts, batch_size, context_len) -> np.ndarray:
+    """Accepting a cycle's drafts and rolling back every layer's K/V of the rejected
+    positions, for ``batch_size`` rows with ``context_len`` cached keys (``0`` for costs that
+    do not price it: measured profiles timed before the table existed)."""
+    return _optional(costs, "rollback", batch_size, context_len)
+
+
+@dataclass(frozen=True)
+class SpeculativeCost:
+    """Seconds of a self-speculative decode, split by where they go."""
+
+    draft_seconds: float
+    """Draft steps: fixed cost, layers 0..E-1, the exit head at E-1 and the stopping
+    rule's check there."""
+    verify_seconds: float
+    """Verification passes: fixed cost, the last draft token through layers 0..E-1, layers
+    E..L-1 over the drafted positions and the LM head at each of them."""
+    rollback_seconds: float
+    prefill_seconds: float
+    num_tokens: int
+    num_cycles: int
+    draft_steps: int
+    """Draft steps the batches ran (a batch drafts to its slowest row)."""
+
+    @property
+    def seconds(self) -> float:
+        return self.draft_seconds + self.verify_seconds + self.rollback_seconds \
+            + self.prefill_seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_tokens / self.seconds
+
+
+def speculative_cost(costs: OperationCosts, dims: ModelDims, draft_depth: int, example_index,
+                     position, drafted, source_len, batch_size: int, num_tokens: int,
+                     stop_check: CheckCost | None = None,
+                     stop_measure: str | None = None) -> SpeculativeCost:
+    """Seconds of a self-speculative decode from its cycles.
+
+    ``example_index``, ``position`` (positions verified before the cycle) and ``drafted``
+    are ``[C]`` per cycle, in (example, cycle) order; examples ``0..E-1`` are decoded in order,
+    ``batch_size`` at a time, ``source_len`` ``[E]``. The cycles of a batch run in lockstep:
+    its ``j``-th cycle runs the rows that still decode, drafts as many steps as its slowest
+    row (``c``, the most drafted), at the context of its longest row (``S``). Per batch
+    cycle, with ``R`` rows: ``c`` draft steps (step ``i``: fixed + ``E`` layers at
+    ``S + i + 1`` keys + the LM head at ``E - 1`` + the stopping check there, whose LM head
+    is the draft's own), one verification (fixed + ``E`` layers for the last draft token +
+    the pass's set-up (``begin_catch_up``) + ``L - E`` layers over ``c + 1`` queries at
+    ``S + c + 1`` keys (:func:`verification_layer_seconds`) + the LM head over ``R (c + 1)``
+    rows) and, when it drafted, a rollback (:func:`rollback_seconds`). A pass of ``E < L``
+    layers also pays ``(1 - E / L)`` of a step's position bias, which the layer table
+    spreads over the depth (measured profiles; 0 on simulated ones, whose layers do not
+    count it). A cycle that drafts nothing (its budget allows one token) is a full-depth
+    step. Plus the encoder prefill once per batch."""
+    num_layers = dims.num_layers
+    if not 1 <= draft_depth <= num_layers - 1:
+        raise CostModelError(f"draft_depth {draft_depth} is outside 1..{num_layers - 1}")
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise CostModelError(f"batch size {batch_size!r} is not a positive integer")
+    example_index = np.asarray(example_index, np.int64)
+    position = np.asarray(position, np.int64)
+    drafted = np.asarray(drafted, np.int64)
+    source_len = np.asarray(source_len, np.int64)
+    if not (example_index.shape == position.shape == drafted.shape) or example_index.ndim != 1:
+        raise CostModelError("example_index, position and drafted must be [C] arrays of one "
+                             "length (one entry per cycle)")
+    if example_index.size and (np.any(np.diff(example_index) < 0) or example_index.min() < 0
+                               or example_index.max() >= source_len.shape[0]):
+        raise CostModelError(f"cycles must be in example order, examples in 0.."
+                             f"{source_len.shape[0] - 1} (one source_len per example)")
+    num_examples = source_len.shape[0]
+    batch_size = int(batch_size)
+    batch_starts = np.arange(0, num_examples, batch_size)
+    batch_rows = np.diff(np.r_[batch_starts, num_examples])
+    batch_source = np.maximum.reduceat(source_len, batch_starts) if num_examples else source_len
+    prefill = float(np.sum(costs.encoder_prefill(batch_rows, batch_source)))
+    if example_index.size == 0:
+        return SpeculativeCost(0.0, 0.0, 0.0, prefill, int(num_tokens), 0, 0)
+
+    counts = np.bincount(example_index, minlength=num_examples)
+    cycle = np.arange(example_index.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    batch = example_index // batch_size
+    order = np.lexsort((cycle, batch))
+    key = batch[order] * (counts.max() + 1) + cycle[order]
+    group_starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    rows = np.diff(np.r_[group_starts, key.size])  # R per batch cycle
+    steps = np.maximum.reduceat(drafted[order], group_starts)  # c
+    context = np.maximum.reduceat(position[order], group_starts)  # S
+    source = batch_source[batch[order][group_starts]]
+    fixed = costs.fixed_step()
+    head = costs.lm_head(rows)
+
+    # draft steps, expanded: step i of a batch cycle attends to S + i + 1 keys
+    step_group = np.repeat(np.arange(rows.size), steps)
+    step_index = np.arange(step_group.size) - np.repeat(np.cumsum(steps) - steps, steps)
+    step_rows = rows[step_group]
+    # block 0 computes a pass's position bias whatever its depth; the layer tables spread
+    # it over the L layers, so a pass of E layers pays (1 - E / L) of it more
+    shallow_bias = (1 - draft_depth / num_layers) * _optional(costs, "position_bias", rows)
+    draft = fixed + draft_depth * costs.decoder_layer(
+        step_rows, context[step_group] + step_index + 1, source[step_group]) \
+        + head[step_group] + shallow_bias[step_group]
+    if stop_check is not None:
+        draft = draft + costs.measure_check(stop_check, step_rows, stop_measure)
+
+    verified_context = context + steps + 1
+    deep = np.where(steps > 0, _optional(costs, "verify_setup", rows, steps + 1)
+                    + (num_layers - draft_depth) * verification_layer_seconds(
+                        costs, rows, verified_context, source, steps + 1),
+                    (num_layers - draft_depth) * costs.decoder_layer(rows, verified_context,
+                                                                     source))
+    verify = fixed + draft_depth * costs.decoder_layer(rows, verified_context, source) \
+        + np.where(steps > 0, shallow_bias, 0.0) + deep + costs.lm_head(rows * (steps + 1))
+    rollback = np.where(steps > 0, rollback_seconds(costs, rows, verified_context), 0.0)
+    return SpeculativeCost(draft_seconds=float(np.sum(draft)), verify_seconds=float(np.sum(verify)),
+                           rollback_seconds=float(np.sum(rollback)), prefill_seconds=prefill,
+                           num_tokens=int(num_tokens), num_cycles=int(rows.size),
+                           draft_steps=int(steps.sum()))

@@ -558,41 +558,60 @@ def run_online(config: SuiteConfig, *, progress: bool = True) -> OnlineReport:
     """Measure every (task, model, measure) of the config online, reusing stored parts."""
     import torch
 
-    if not config.models or not config.measures:
-        raise ExitbenchError("online decoding needs models and measures in the config")
+    if not config.models or not (config.measures or config.methods):
+        raise ExitbenchError("online decoding needs models and measures (or methods) in the "
+                             "config")
     if config.online.threads is not None:
         torch.set_num_threads(config.online.threads)
     report = OnlineReport(errors={})
     started = time.perf_counter()
-    for task in config.tasks:
+    online = [m for m in config.measures if config.online.measures is None
+              or m.display_name in config.online.measures]
+    for task in config.tasks if online else ():  # methods: speculative_sweep
         for model in config.models:
             ctx = open_context(config, task, model)
-            for measure in config.measures:
+            for measure in online:
                 path = online_part_path(config.output_dir, task.name, model.name,
                                         measure.display_name)
-                label = f"{task.name}/{model.name}/{measure.display_name}"
-                try:
-                    key = part_key(ctx, measure)
-                    if path.is_file() and json.loads(path.read_text("utf-8")).get("key") == key:
-                        report.parts_reused += 1
-                        continue
-                    say = (lambda what, label=label: print(f"  online {label}: {what}",
-                                                           flush=True)) if progress else None
-                    part = measure_online(ctx, measure, progress=say)
-                except ExitbenchError as exc:  # one measure's failure must not lose the others
-                    report.errors[label] = str(exc)
-                    print(f"  online {label}: skipped: {exc}", flush=True)
-                    continue
-                atomic_write_json(path, {"key": key, **part})
-                report.parts_done += 1
+                store_online_part(
+                    report, path, f"{task.name}/{model.name}/{measure.display_name}",
+                    lambda ctx=ctx, measure=measure: part_key(ctx, measure),
+                    lambda say, ctx=ctx, measure=measure: measure_online(ctx, measure,
+                                                                         progress=say),
+                    progress=progress)
     report.seconds = time.perf_counter() - started
     return report
 
 
+def store_online_part(report: OnlineReport, path: Path, label: str, key: Callable[[], str],
+                      decode: Callable[[Callable[[str], None] | None], dict[str, Any]], *,
+                      progress: bool) -> None:
+    """Reuse the part stored at ``path`` when its key matches, else ``decode`` it (with a
+    progress callback) and store it; an :class:`ExitbenchError` is reported in
+    ``report.errors`` and the other parts go on."""
+    try:
+        part_key_ = key()
+        if path.is_file() and json.loads(path.read_text("utf-8")).get("key") == part_key_:
+            report.parts_reused += 1
+            return
+        say = (lambda what: print(f"  online {label}: {what}", flush=True)) if progress else None
+        part = decode(say)
+    except ExitbenchError as exc:  # one part's failure must not lose the others
+        report.errors[label] = str(exc)
+        print(f"  online {label}: skipped: {exc}", flush=True)
+        return
+    atomic_write_json(path, {"key": part_key_, **part})
+    report.parts_done += 1
+
+
 def fidelity_entries(config: SuiteConfig) -> list[dict[str, Any]]:
-    """The stored fidelity entries of this config, with task and model."""
+    """The stored fidelity entries of this config, with task and model (the decoding
+    methods' too: :func:`suite.speculative_sweep.method_fidelity_entries`)."""
+    from suite.speculative_sweep import method_fidelity_entries
+
     return [{"task": task, "model": model, **entry}
-            for task, model, part in stored_parts(config) for entry in part["fidelity"]]
+            for task, model, part in stored_parts(config)
+            for entry in part["fidelity"]] + method_fidelity_entries(config)
 
 
 def fidelity_summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -649,8 +668,10 @@ def write_fidelity_report(config: SuiteConfig, out_dir: Path) -> Path:
                                                    "device": config.device,
                                                    "machine": _machine()})
     from suite.atomic import atomic_write_text
+    from suite.speculative_sweep import render_method_markdown
 
-    atomic_write_text(out_dir / "fidelity.md", render_markdown(entries, summary, config))
+    atomic_write_text(out_dir / "fidelity.md", render_markdown(entries, summary, config)
+                      + render_method_markdown(entries, config))
     return out_dir / "fidelity.md"
 
 

@@ -62,6 +62,12 @@ class Series:
     """``[K, B]`` quality of each row (in ``rows`` order) over the shared resamples."""
     best_speedup_replicates: np.ndarray | None = None
     area_replicates: np.ndarray | None = None
+    lossless_speedup: float = math.nan
+    """Highest speedup at no quality loss against full depth (NaN when none is); lossless
+    methods (self-speculation) have all their points there."""
+    mean_accepted_tokens: float | None = None
+    """Self-speculation: tokens per cycle at the point of ``lossless_speedup`` (``None``
+    for exit measures)."""
 
     @property
     def is_baseline(self) -> bool:
@@ -129,12 +135,15 @@ def _series(measure: str, mode: str, rows: list[ResultRow]) -> Series:
     speedup = np.array([r.speedup for r in rows], dtype=np.float64)
     full_depth_quality = _median([r.quality_full_depth for r in rows])
     fastest = int(np.argmax(speed))
+    lossless = best_speedup_within(speedup, quality, full_depth_quality, 0.0)
+    at_lossless = [r for r in rows if r.speedup == lossless and r.mean_accepted_tokens is not None]
     return Series(
         measure=measure, mode=mode, deployable=all(r.deployable for r in rows), rows=rows,
         front=pareto_mask(speed, quality), full_depth_quality=full_depth_quality,
         best_speedup=best_speedup_within(speedup, quality, full_depth_quality, MAX_RELATIVE_LOSS),
         area=math.nan, fastest_quality=float(quality[fastest]),
-        fastest_speedup=float(speedup[fastest]))
+        fastest_speedup=float(speedup[fastest]), lossless_speedup=lossless,
+        mean_accepted_tokens=float(at_lossless[0].mean_accepted_tokens) if at_lossless else None)
 
 
 def _score_against_baseline(panel: Panel) -> None:
@@ -367,6 +376,8 @@ def fronts_summary(rows: list[ResultRow], samples: dict | None = None) -> list[d
                     "area_over_static_layer": series.area,
                     "quality_at_fastest": series.fastest_quality,
                     "speedup_at_fastest": series.fastest_speedup,
+                    "speedup_at_no_loss": series.lossless_speedup,
+                    "mean_accepted_tokens": series.mean_accepted_tokens,
                     "front": [{"threshold": r.threshold, "tokens_per_s": r.tokens_per_s,
                                "speedup": r.speedup, "quality": r.quality,
                                "quality_ci": [r.quality_ci_low, r.quality_ci_high]}

@@ -16,7 +16,15 @@ after any layer (and fill the skipped layers' KV itself). One decoding step is::
     logits = adapter.exit_logits(layer, hidden)           # norm + scaling + LM head
 
 ``begin_step`` accepts ``[B, T]`` tokens too: with ``use_cache=False`` that is one
-parallel teacher-forced pass, the same code path as decoding. A decoder-only adapter
+parallel teacher-forced pass, the same code path as decoding.
+
+Self-speculative decoding (:mod:`suite.speculative_online`) needs two more things, both
+in the protocol: a multi-token pass through the deep layers only (``begin_catch_up``, the
+same call FREE's synchronized parallel decoding uses: the draft has filled layers
+``0..E-1``, the verification runs its ``k + 1`` positions through ``E..L-1``), and
+``rollback``, which drops rejected draft positions from every layer's cache; rows of a
+batch that keep different counts stay right-aligned, the slots freed at the front of the
+shorter rows masked in later steps. A decoder-only adapter
 (Llama-style) fits the same protocol: ``start`` prefills all but the last prompt token
 and ``first_input_ids`` is that last token.
 
@@ -135,7 +143,20 @@ class DecoderAdapter(Protocol):
         """Prepare layers ``first_layer..L-1``, whose caches lack the last ``num_queries``
         positions (this step's and those of earlier tokens that skipped them), to run those
         ``num_queries`` tokens in one causal pass: set the masks and position biases for it.
-        FREE's synchronized parallel decoding of the tokens that skipped those layers."""
+        FREE's synchronized parallel decoding of the tokens that skipped those layers, and
+        self-speculation's verification pass (the draft's ``k`` positions and the last draft
+        token's, through layers ``E..L-1``)."""
+        ...
+
+    def rollback(self, state: DecodeState, num_rejected: torch.Tensor) -> None:
+        """Drop the last ``num_rejected[b]`` positions of row ``b`` (``[B]`` integers) from
+        every layer's self-attention cache: the rejected drafts of self-speculative
+        decoding. Every layer must hold the same number of positions. Rows that drop
+        different counts stay right-aligned (their newest position in the last slot): the
+        slots this frees at the front of the rows that kept fewer are masked from every
+        later step's attention (``begin_step`` and ``begin_catch_up`` honour it), and a
+        row's positions keep their distances, so relative position biases are unchanged.
+        When every row drops the same count this is a plain crop."""
         ...
 
 
@@ -151,6 +172,10 @@ class T5DecodeState(DecodeState):
     cross_mask: Any = None
     position_bias: torch.Tensor | None = None
     cross_position_bias: torch.Tensor | None = None
+    decoder_mask: torch.Tensor | None = None
+    """``[B, S]`` 1 for the self-attention cache slots that hold a position, 0 for slots a
+    :meth:`T5Adapter.rollback` freed at the front of a row; ``None`` when every slot holds
+    one (always at batch 1)."""
     _cross_masks: dict[int, Any] = field(default_factory=dict)
 
 
@@ -270,9 +295,12 @@ class T5Adapter:
         self_cache = state.cache.self_attention_cache if state.cache is not None else None
         # Built before any layer updates the cache, exactly as T5Stack.forward does: the
         # mask's key length is the cached length plus this step's tokens. No decoder
-        # padding mask: rows are right-padded, so causality already hides the padding.
-        state.self_mask = create_causal_mask(config=self.decoder_config, inputs_embeds=embeds,
-                                             attention_mask=None, cache=self_cache)
+        # padding mask: rows are right-padded, so causality already hides the padding
+        # (only slots freed by a rollback are masked).
+        state.self_mask = create_causal_mask(
+            config=self.decoder_config, inputs_embeds=embeds,
+            attention_mask=_slot_mask(state, _cached(self_cache, 0) + embeds.shape[1]),
+            cache=self_cache)
         query_length = embeds.shape[1]
         if query_length not in state._cross_masks:  # the same for every step of a decode
             state._cross_masks[query_length] = create_bidirectional_mask(
@@ -322,8 +350,9 @@ class T5Adapter:
         shape = (state.first_input_ids.shape[0], num_queries, self.dims.d_model)
         probe = torch.empty(shape, dtype=self.dtype, device=self.device)
         state.self_mask = create_causal_mask(config=self.decoder_config, inputs_embeds=probe,
-                                             attention_mask=None, cache=self_cache,
-                                             layer_idx=first_layer)
+                                             attention_mask=_slot_mask(state,
+                                                                       past + num_queries),
+                                             cache=self_cache, layer_idx=first_layer)
         if num_queries not in state._cross_masks:
             state._cross_masks[num_queries] = create_bidirectional_mask(
                 config=self.decoder_config, inputs_embeds=probe,
@@ -336,9 +365,72 @@ class T5Adapter:
             num_queries, past + num_queries, device=self.device, past_seen_tokens=past)
         state.cross_position_bias = None  # the first block run computes its zeros
 
+    def rollback(self, state: T5DecodeState, num_rejected: torch.Tensor) -> None:
+        layers = state.cache.self_attention_cache.layers
+        lengths = {layer.get_seq_length() for layer in layers}
+        if len(lengths) != 1:
+            raise ValueError(f"rollback needs every layer's cache at one length, found "
+                             f"{sorted(lengths)}")
+        length = lengths.pop()
+        rejected = torch.as_tensor(num_rejected, dtype=torch.long, device=self.device)
+        if rejected.numel() and (int(rejected.min()) < 0 or int(rejected.max()) > length):
+            raise ValueError(f"rejected counts {rejected.tolist()} are outside 0..{length}")
+        dropped = int(rejected.min()) if rejected.numel() else 0
+        kept = length - dropped
+        shift = rejected - dropped  # how far right each row's kept slots move
+        if not bool(shift.any()):  # a plain crop (every row at batch 1)
+            for layer in layers:
+                layer.keys, layer.values = layer.keys[..., :kept, :], layer.values[..., :kept, :]
+            if state.decoder_mask is not None:
+                state.decoder_mask = _slot_mask(state, length)[:, :kept]
+            self._drop_free_front(state)
+            return
+        source = torch.arange(kept, device=self.device)[None, :] - shift[:, None]  # [B, kept]
+        holds = source >= 0
+        source = source.clamp(min=0)
+        mask = _slot_mask(state, length)
+        if mask is None:
+            mask = torch.ones(source.shape[0], length, dtype=torch.long, device=self.device)
+        state.decoder_mask = mask.gather(1, source) * holds
+        for layer in layers:
+            batch, heads, _, width = layer.keys.shape
+            index = source[:, None, :, None].expand(batch, heads, kept, width)
+            layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+        self._drop_free_front(state)
+
+    @staticmethod
+    def _drop_free_front(state: T5DecodeState) -> None:
+        """Remove the leading slots that are free in every row (holds stay a right-aligned
+        run per row, so what is free is a prefix), and the mask once nothing is free."""
+        if state.decoder_mask is None:
+            return
+        free_front = int((state.decoder_mask.shape[1] - state.decoder_mask.sum(1)).min())
+        if free_front:
+            for layer in state.cache.self_attention_cache.layers:
+                layer.keys = layer.keys[..., free_front:, :]
+                layer.values = layer.values[..., free_front:, :]
+            state.decoder_mask = state.decoder_mask[:, free_front:]
+        if bool(state.decoder_mask.all()):
+            state.decoder_mask = None
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Decoder input embeddings (what layer 0 reads; T5 does not scale them)."""
         return self.model.decoder.embed_tokens(input_ids.to(self.device))
+
+
+def _cached(cache, layer: int) -> int:
+    return cache.get_seq_length(layer) if cache is not None else 0
+
+
+def _slot_mask(state: T5DecodeState, key_length: int) -> torch.Tensor | None:
+    """The 2-D padding mask ``[B, key_length]`` of the self-attention keys a step attends
+    to: the holds of the slots a rollback left (:attr:`T5DecodeState.decoder_mask`), then
+    ones for every slot appended since and this step's queries; ``None`` when no slot is
+    free."""
+    if state.decoder_mask is None:
+        return None
+    mask = state.decoder_mask
+    return torch.cat([mask, mask.new_ones(mask.shape[0], key_length - mask.shape[1])], dim=1)
 
 
 T5_SMALL_ARCHITECTURE: dict[str, Any] = {

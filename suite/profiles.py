@@ -243,6 +243,28 @@ class EncoderPrefillTable(_GridTable):
         return self
 
 
+class VerifyLayerTable(_GridTable):
+    """Seconds of one decoder layer running ``query_len`` positions per row in one causal
+    pass (self-speculation's verification of ``query_len - 1`` drafts), by batch size and
+    query length, at one context length (keys, the queries included) and source length."""
+
+    query_lens: list[PositiveInt] = Field(min_length=1)
+    context_len: PositiveInt
+    source_len: PositiveInt
+    setup_seconds: list[list[NonNegativeFloat]] | None = None
+    """``[batch][query length]``: ``begin_catch_up``, the masks and relative position bias
+    of the pass (once per verification, not per layer)."""
+
+    @model_validator(mode="after")
+    def _shape(self) -> VerifyLayerTable:
+        self._check_grid(self.query_lens, "query_lens")
+        if self.setup_seconds is not None and (
+                len(self.setup_seconds) != len(self.batch_sizes)
+                or any(len(row) != len(self.query_lens) for row in self.setup_seconds)):
+            raise ValueError("setup_seconds must be [batch][query length] like seconds")
+        return self
+
+
 class MeasuredTables(_Strict):
     """The timed operations; each time is the statistic (median) of ``method.repeats`` runs."""
 
@@ -257,6 +279,15 @@ class MeasuredTables(_Strict):
     encoder_prefill_seconds: EncoderPrefillTable
     fixed_step_seconds: NonNegativeFloat
     """One decoding step outside the layers (loop, embedding, argmax, stopping)."""
+    verify_layer_seconds: VerifyLayerTable | None = None
+    """Self-speculation's verification pass per layer (profiles measured before it have
+    none: the cost model then prices ``query_len`` tokens as that many one-token rows)."""
+    rollback_seconds: BatchTable | None = None
+    """Self-speculation's per-cycle acceptance and K/V rollback of rejected drafts (``0``
+    in profiles measured before it)."""
+    position_bias_seconds: BatchTable | None = None
+    """One step's relative position bias (block 0 computes it for every pass; the decoder
+    table spreads it over the depth), for pricing passes shallower than the model."""
 
 
 class MeasuredEnvironment(_Strict):

@@ -25,6 +25,18 @@ on the model the tables are for, with random token ids (timings do not depend on
 - **encoder prefill** ``[batch, source]``: ``T5Adapter.start`` (the encoder) plus the
   cross-attention K/V of every decoder layer, stored in the cache as the first decoding
   step would.
+- **verification pass** ``[batch, query length]`` (self-speculative decoding): as the
+  decoder runs its deep part, ``begin_catch_up`` (masks and relative position bias of ``q``
+  queries: ``setup_seconds``, once per verification) and then ``q`` positions per row
+  through layers ``1..L-1`` whose caches lack them, at the middle context; the table is
+  those layers' time divided by ``L - 1`` (no position bias inside: it is the set-up's).
+- **position bias** ``[batch]``: one step's relative position bias, which block 0 computes
+  for every pass; the decoder-layer table spreads it over the ``L`` layers, so a draft step
+  of ``E`` layers is priced ``(1 - E / L)`` of it more.
+- **rollback** ``[batch]`` (self-speculative decoding): a cycle's acceptance
+  (:func:`suite.speculative_online.accept_drafts`) and the rollback of the rejected
+  positions from every layer's cache, rows rejecting different counts (so rows are
+  realigned, the dearer case) at batch > 1.
 
 Context matters on a CPU: an operation repeated back to back runs with its weights and
 threads warm, and was 2-4x faster (the LM head, the step's embedding) than inside a
@@ -71,6 +83,8 @@ from suite.profiles import DTYPES, MEASURED_FORMAT_VERSION, MeasuredProfile, par
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8, 32)
 DEFAULT_CONTEXTS: tuple[int, ...] = (16, 64, 128)
 DEFAULT_SOURCE_LEN = 256
+DEFAULT_QUERY_LENS: tuple[int, ...] = (2, 3, 5, 9)
+"""Verification passes of 1, 2, 4 and 8 drafts (``k + 1`` positions)."""
 DEFAULT_REPEATS = 5
 DEFAULT_WARMUP = 2
 DEFAULT_MIN_RUN_SECONDS = 0.002
@@ -151,6 +165,10 @@ class ProfileSettings:
     seed: int = 0
     threads: int | None = None
     """``torch.set_num_threads`` before timing (``None``: torch's default)."""
+    query_lens: tuple[int, ...] | None = None
+    """Positions per row of the timed verification passes (self-speculation's ``k + 1``),
+    below the middle context; ``None``: those of ``DEFAULT_QUERY_LENS`` that fit (no
+    verification table when none does)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -163,6 +181,19 @@ class ProfileSettings:
         if isinstance(self.source_len, bool) or int(self.source_len) != self.source_len \
                 or self.source_len < 1:
             raise ProfilingError(f"--source-len {self.source_len!r} is not an integer >= 1")
+        middle = self.contexts[len(self.contexts) // 2]
+        if self.query_lens is None:
+            object.__setattr__(self, "query_lens", tuple(
+                q for q in DEFAULT_QUERY_LENS if q < middle))
+        else:
+            object.__setattr__(self, "query_lens", _sizes(
+                self.query_lens, "query length", 2, " (a verification pass runs the drafts "
+                "and the last draft token: k + 1 >= 2 positions)"))
+            if max(self.query_lens) >= middle:
+                raise ProfilingError(f"query length {max(self.query_lens)} does not fit below "
+                                     f"the middle context {middle} it is timed at (the "
+                                     f"verified positions are part of the context); give "
+                                     f"longer --contexts or shorter --query-lens")
         lens = self.source_lens if self.source_lens is not None \
             else default_source_lens(int(self.source_len))
         object.__setattr__(self, "source_lens", _sizes(lens, "source length"))
@@ -313,6 +344,14 @@ class DecoderBench:
         for layer, (keys, values) in zip(self.state.cache.self_attention_cache.layers,
                                          self.snapshots[context]):
             layer.keys, layer.values = keys, values
+        self.state.decoder_mask = None  # a timed rollback may have left one
+
+    def set_cached(self, cached: int) -> None:
+        """Cache ``cached`` keys in every layer (a prefix of the longest snapshot)."""
+        longest = self.snapshots[max(self.snapshots)]
+        for layer, (keys, values) in zip(self.state.cache.self_attention_cache.layers, longest):
+            layer.keys, layer.values = keys[..., :cached, :], values[..., :cached, :]
+        self.state.decoder_mask = None
 
     def first_block(self, context: int) -> torch.Tensor:
         """Start a step at ``context`` keys and run block 0: the state decoding is in when a
@@ -401,6 +440,85 @@ def kv_fill_entry(bench: DecoderBench, context: int) -> Entry:
         cache.update(keys, values, layer)
 
     return Entry(op=op, setup=setup)
+
+
+VERIFY_PHASES = ("setup", "layers")
+
+
+def verify_entry(bench: DecoderBench, context: int, query_len: int,
+                 sync: Callable[[], None], generator: torch.Generator) -> Entry:
+    """A verification pass as :func:`suite.speculative_online.self_speculative_decode` runs
+    its deep part: layer 0 holds ``context`` keys, layers ``1..L-1`` lack the last
+    ``query_len`` positions; ``setup`` is ``begin_catch_up`` (the masks and relative
+    position bias of ``query_len`` queries, paid once per verification), ``layers`` runs the
+    ``query_len`` positions through layers ``1..L-1`` (/ ``L - 1``: the per-layer table). The
+    set-up runs an untimed one-token step first, as the draft steps leave the weights warm."""
+    adapter = bench.adapter
+    batch = bench.next_ids.shape[0]
+    hidden_in = torch.randn(batch, query_len, adapter.dims.d_model,
+                            generator=generator).to(adapter.device, adapter.dtype)
+
+    def op() -> tuple[float, float]:
+        sync()
+        t0 = time.perf_counter()
+        adapter.begin_catch_up(bench.state, 1, query_len)
+        sync()
+        t1 = time.perf_counter()
+        hidden = hidden_in
+        for layer in range(1, adapter.num_layers):
+            hidden = adapter.run_layer(bench.state, layer, hidden)
+        sync()
+        return t1 - t0, time.perf_counter() - t1
+
+    def setup() -> None:
+        bench.set_cached(context - query_len - 1)
+        hidden = adapter.begin_step(bench.state, bench.next_ids)
+        for layer in range(adapter.num_layers):
+            hidden = adapter.run_layer(bench.state, layer, hidden)
+        # layer 0 holds the pass's positions already (the last draft token's one-token pass
+        # and the drafts'); their values do not matter for timing
+        first = bench.state.cache.self_attention_cache.layers[0]
+        shape = (*first.keys.shape[:2], query_len, first.keys.shape[-1])
+        first.keys = torch.cat([first.keys, first.keys[..., -1:, :].expand(shape)], dim=-2)
+        first.values = torch.cat([first.values, first.values[..., -1:, :].expand(shape)], dim=-2)
+
+    return Entry(op=op, setup=setup, phases=VERIFY_PHASES)
+
+
+def position_bias_entry(bench: DecoderBench, context: int) -> Entry:
+    """One step's relative position bias (one query over ``context`` keys), which T5's
+    block 0 computes for every pass whatever its depth: a draft step of ``E < L`` layers
+    pays all of it, while the decoder-layer table spreads it over ``L`` layers."""
+    attention = bench.adapter.blocks[0].layer[0].SelfAttention
+    device = bench.adapter.device
+    return Entry(op=lambda: attention.compute_bias(1, context, device=device,
+                                                   past_seen_tokens=context - 1),
+                 setup=lambda: bench.first_block(context))
+
+
+def rollback_entry(bench: DecoderBench, context: int, draft_length: int) -> Entry:
+    """A cycle's acceptance of ``draft_length`` drafts and the rollback of the rejected
+    positions of every layer (rows rejecting different counts at batch > 1), on a cache of
+    ``context`` keys."""
+    from suite.speculative_online import accept_drafts
+
+    adapter = bench.adapter
+    batch = bench.next_ids.shape[0]
+    device = adapter.device
+    verified = torch.randint(2, adapter.dims.vocab_size, (batch, draft_length + 1),
+                             device=device)
+    drafts = [verified[:, i].clone() for i in range(draft_length)]
+    accepted_target = torch.arange(batch, device=device) % (draft_length + 1)
+    for row in range(batch):  # row b accepts b mod (k + 1) drafts: different counts
+        if accepted_target[row] < draft_length:
+            drafts[int(accepted_target[row])][row] = 0
+    drafted = torch.full((batch,), draft_length, dtype=torch.long, device=device)
+
+    def op() -> None:
+        accepted, _ = accept_drafts(verified, drafts, drafted, adapter.eos_token_id)
+        adapter.rollback(bench.state, draft_length - accepted)
+
+    return Entry(op=op, setup=lambda: bench.set_cached(context))
 
 
 def prefill_entry(adapter, batch: int, source_len: int, generator: torch.Generator) -> Entry:
@@ -604,6 +722,13 @@ def measure_profile(adapter, settings: ProfileSettings, *, model_id: str, name: 
     prefill = [[0.0] * len(source_lens) for _ in batches]
     lm_head, kv_fill, fixed = [0.0] * len(batches), [0.0] * len(batches), {}
     checks: dict[str, list[float]] = {measure: [0.0] * len(batches) for measure in measures}
+    query_lens = list(settings.query_lens)
+    if dims.num_layers < 2:  # no deep part to verify with
+        query_lens = []
+    verify = [[0.0] * len(query_lens) for _ in batches]
+    verify_setup = [[0.0] * len(query_lens) for _ in batches]
+    rollback = [0.0] * len(batches)
+    position_bias = [0.0] * len(batches)
     methods: dict[str, str] = {}
     with torch.inference_mode():
         for b, batch in enumerate(batches):
@@ -619,6 +744,12 @@ def measure_profile(adapter, settings: ProfileSettings, *, model_id: str, name: 
                 entry, how = check_entry(measure_name, measure, bench, middle_context, generator)
                 methods[measure_name] = how
                 entries[("check", measure_name)] = entry
+            for q, query_len in enumerate(query_lens):
+                entries[("verify", q)] = verify_entry(bench, middle_context, query_len,
+                                                      timer.sync, generator)
+            entries[("rollback",)] = rollback_entry(bench, middle_context,
+                                                    max(query_lens, default=2) - 1)
+            entries[("bias",)] = position_bias_entry(bench, middle_context)
             seconds = timer.time_entries(entries)
             steps = [seconds[("step", c)] for c in range(len(contexts))]
             phase = {name: [step[i] for step in steps] for i, name in enumerate(STEP_PHASES)}
@@ -631,6 +762,11 @@ def measure_profile(adapter, settings: ProfileSettings, *, model_id: str, name: 
             kv_fill[b] = seconds[("kv_fill",)]
             for measure_name in measures:
                 checks[measure_name][b] = seconds[("check", measure_name)]
+            verify[b] = [seconds[("verify", q)][1] / max(1, dims.num_layers - 1)
+                         for q in range(len(query_lens))]
+            verify_setup[b] = [seconds[("verify", q)][0] for q in range(len(query_lens))]
+            position_bias[b] = seconds[("bias",)]
+            rollback[b] = seconds[("rollback",)]
             del bench, entries
             log(f"batch {batch}: decoder layer "
                 + ", ".join(f"C={c} {1e6 * t:.0f} us" for c, t in zip(contexts, decoder[b]))
@@ -683,8 +819,18 @@ def measure_profile(adapter, settings: ProfileSettings, *, model_id: str, name: 
                 "batch_sizes": batches, "source_lens": source_lens,
                 "seconds": [[_round(t) for t in row] for row in prefill]},
             "fixed_step_seconds": _round(statistics.median(fixed.values())),
+            "rollback_seconds": {"batch_sizes": batches,
+                                 "seconds": [_round(t) for t in rollback]},
+            "position_bias_seconds": {"batch_sizes": batches,
+                                      "seconds": [_round(t) for t in position_bias]},
         },
     }
+    if query_lens:
+        data["tables"]["verify_layer_seconds"] = {
+            "batch_sizes": batches, "query_lens": query_lens,
+            "context_len": int(middle_context), "source_len": int(settings.source_len),
+            "seconds": [[_round(t) for t in row] for row in verify],
+            "setup_seconds": [[_round(t) for t in row] for row in verify_setup]}
     return ProfileRun(data=data, check_methods=methods, skipped_measures=tuple(skipped),
                       fixed_step_by_batch=fixed, seconds=time.perf_counter() - started)
 

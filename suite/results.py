@@ -98,6 +98,16 @@ class ResultRow:
     tpot_p99_seconds: float | None = None
     meets_latency_limits: bool | None = None
     """Within the profile's ``latency_limits`` (``None``: the profile declares none)."""
+    method: str = "early_exit"
+    """The decoding method: ``early_exit`` (a measure and a threshold) or
+    ``self_speculative`` (lossless drafting from an early exit; :mod:`suite.speculative`)."""
+    method_options: str = "{}"
+    """JSON of the method's options (``{}`` for early exit, whose options are the measure's;
+    self-speculation: ``draft_depth``, ``draft_length`` and the stopping rule's
+    ``stop_measure`` and ``stop_threshold``)."""
+    mean_accepted_tokens: float | None = None
+    """Self-speculation: tokens emitted per draft-and-verify cycle (Spec-Bench's figure);
+    ``None`` for early exit."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

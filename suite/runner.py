@@ -632,8 +632,9 @@ class ReplayGroupError(ExitbenchError):
 
 
 def collect_results(config: SuiteConfig) -> list:
-    """Rows of every part of this config, in config order: replayed rows, then the rows
-    measured online (``exitbench online``/``fidelity``) when there are any."""
+    """Rows of every part of this config, in config order: replayed rows, the decoding
+    methods' rows (:mod:`suite.speculative_sweep`), then the rows measured online
+    (``exitbench online``/``fidelity``) when there are any."""
     from suite.fidelity import read_online_rows
     from suite.results import ResultRow
 
@@ -649,8 +650,10 @@ def collect_results(config: SuiteConfig) -> list:
                 for row in part["rows"]:
                     rows.append(ResultRow(**{k: v for k, v in row.items() if k in names}))
     from suite.calibration import read_calibrated_rows
+    from suite.speculative_sweep import read_method_rows
 
-    return rows + read_online_rows(config) + read_calibrated_rows(config)
+    return rows + read_method_rows(config) + read_online_rows(config) + \
+        read_calibrated_rows(config)
 
 
 def validation_failure(config: SuiteConfig, measure: MeasureConfig) -> str | None:
@@ -979,7 +982,11 @@ def replay_suite(config: SuiteConfig, config_path: str | None = None, *,
                     ray.shutdown()
         if config.calibration is not None and config.measures:
             summary.stages.append(run_calibration_stage(config))
-        if all_measures.measures:
+        if config.methods:  # decoding methods beside early exit, on the same traces
+            from suite.speculative_sweep import run_method_stage
+
+            summary.stages.append(run_method_stage(config, progress=progress))
+        if all_measures.measures or config.methods:
             results_started = time.perf_counter()
             rows = publish_results(all_measures)
             summary.stages.append(StageReport("results", done=rows,

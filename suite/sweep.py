@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,6 +171,97 @@ ESTIMATED_CHECK_NOTE = ("the measured profile has no timings for this measure's 
                         "from the profile's own measured operations (docs/cost_model.md)")
 """``extra['cost_estimated']`` of rows whose check cost is an estimate."""
 
+@dataclass
+class OpenedTraces:
+    """One (task, model)'s generated traces with what replay prices and scores them by
+    (:func:`open_traces`); shared by the measures' sweep and the decoding methods'
+    (:mod:`suite.speculative_sweep`)."""
+
+    traces: TraceArrays
+    traces_hash: str
+    info: ModelInfo
+    example_ids: list[str]
+    source_len: np.ndarray
+    """Encoder tokens per example, as the record stage truncated them (EOS included)."""
+    example_index: np.ndarray
+    """``[T]`` each token's example, ``0..E-1`` in trace order."""
+    primary: str
+    full: dict
+    """The full-depth outputs' quality (``scores``, ``primary``, ``signature``)."""
+    costs: dict[str, object]
+    """Profile name -> its operation costs for this model and dtype."""
+    profiles: list
+    cache: ScoreCache
+    quality_of: Callable[[np.ndarray], dict]
+    """``[T]`` tokens in trace order -> their quality (detokenised, cut at EOS, cached)."""
+    references: list = field(default_factory=list)
+    """Each traced example's references, in ``example_ids`` order."""
+    detokenize: Callable | None = None
+    hits_before: int = 0
+    misses_before: int = 0
+
+
+def open_traces(inputs: SweepInputs, profiles: Sequence[str], *,
+                score_cache: ScoreCache | None = None) -> OpenedTraces:
+    """Load and verify one (task, model)'s generated traces, their references and source
+    lengths; score the full-depth outputs; build every profile's operation costs."""
+    from suite.models import load_tokenizer
+
+    store = TraceStore(inputs.trace_dir)
+    manifest = store.read_manifest()
+    if manifest.kind != "generated":
+        raise ExitbenchError(f"{inputs.trace_dir}: replay needs generated traces, not "
+                             f"{manifest.kind!r} ones")
+    traces = store.load()
+    traces_hash = sha256_file(store.manifest_path)
+    info = model_info(inputs.model.path)
+    if info.dims.num_layers != traces.num_layers:
+        raise ExitbenchError(f"{inputs.trace_dir}: traces have {traces.num_layers} layers, model "
+                             f"{inputs.model.path} has {info.dims.num_layers}")
+    tokenizer = load_tokenizer(inputs.model.path)
+    detokenize = Detokenizer(tokenizer)
+    cache = score_cache or ScoreCache()
+    hits_before, misses_before = cache.hits, cache.misses
+
+    examples = {e.id: e for e in load_examples(inputs.task, inputs.split, inputs.data_dir,
+                                                inputs.limit)}
+    example_ids = traces.example_ids()
+    missing = [i for i in example_ids if i not in examples]
+    if missing:
+        raise ExitbenchError(f"{inputs.trace_dir}: traced example {missing[0]!r} is not in "
+                             f"{inputs.task.name}/{inputs.split}; were the traces recorded "
+                             f"from another split?")
+    references = [examples[i].references for i in example_ids]
+    # the encoder lengths the record stage used (same truncation rule, EOS included)
+    source_len = np.array([len(ids) for ids in encode_texts(
+        tokenizer, [examples[i].source for i in example_ids],
+        inputs.task.limits.max_source_tokens, info.eos_token_id)])
+    metric = get_metric(inputs.task.metric)
+    metric_key = f"{inputs.task.name}|{inputs.task.metric}|{len(example_ids)}"
+
+    def quality_of(token_rows: np.ndarray) -> dict:
+        texts = detokenize(sequences_by_example(traces, token_rows, info.eos_token_id))
+        key = metric_key + "|" + outputs_hash(texts)
+
+        def compute() -> dict:
+            result = metric(texts, references)
+            return {"scores": result.scores, "primary": result.primary,
+                    "signature": result.signature}
+
+        return cache.get_or_compute(key, compute)
+
+    full = quality_of(traces.final_id)
+    loaded_profiles = [get_profile(name) for name in profiles]
+    costs = {p.name: operation_costs(p, info.dims, inputs.dtype, info.gated_ffn,
+                                     info.num_encoder_layers) for p in loaded_profiles}
+    return OpenedTraces(traces=traces, traces_hash=traces_hash, info=info,
+                        example_ids=example_ids, source_len=source_len,
+                        example_index=example_index_from_ids(traces.example_id),
+                        primary=full["primary"], full=full, costs=costs,
+                        profiles=loaded_profiles, cache=cache, quality_of=quality_of,
+                        references=references, detokenize=detokenize,
+                        hits_before=hits_before, misses_before=misses_before)
+
 
 def describe_exception(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
@@ -236,7 +327,6 @@ class Sweep:
     def __init__(self, inputs: SweepInputs, profiles: Sequence[str], batch_sizes: Sequence[int],
                  *, score_cache: ScoreCache | None = None, fit_cache_dir: Path | None = None,
                  seed: int = 0, bootstrap: BootstrapSettings | None = None):
-        from suite.models import load_tokenizer
         from suite.point_stats import PointStatistics
 
         started = time.perf_counter()
@@ -244,61 +334,23 @@ class Sweep:
         self.batch_sizes = list(batch_sizes)
         self.fit_cache_dir = fit_cache_dir
         self.seed = seed
-        store = TraceStore(inputs.trace_dir)
-        manifest = store.read_manifest()
-        if manifest.kind != "generated":
-            raise ExitbenchError(f"{inputs.trace_dir}: replay needs generated traces, not "
-                                 f"{manifest.kind!r} ones")
-        self.traces = traces = store.load()
-        self.traces_hash = sha256_file(store.manifest_path)
-        self.info = info = model_info(inputs.model.path)
-        if info.dims.num_layers != traces.num_layers:
-            raise ExitbenchError(f"{inputs.trace_dir}: traces have {traces.num_layers} layers, "
-                                 f"model {inputs.model.path} has {info.dims.num_layers}")
-        tokenizer = load_tokenizer(inputs.model.path)
-        self.detokenize = Detokenizer(tokenizer)
-        self.cache = score_cache or ScoreCache()
-        self._hits, self._misses = self.cache.hits, self.cache.misses
-
-        examples = {e.id: e for e in load_examples(inputs.task, inputs.split, inputs.data_dir,
-                                                    inputs.limit)}
-        self.example_ids = example_ids = traces.example_ids()
-        missing = [i for i in example_ids if i not in examples]
-        if missing:
-            raise ExitbenchError(f"{inputs.trace_dir}: traced example {missing[0]!r} is not in "
-                                 f"{inputs.task.name}/{inputs.split}; were the traces recorded "
-                                 f"from another split?")
-        self.references = [examples[i].references for i in example_ids]
-        # the encoder lengths the record stage used (same truncation rule, EOS included)
-        self.source_len = np.array([len(ids) for ids in encode_texts(
-            tokenizer, [examples[i].source for i in example_ids],
-            inputs.task.limits.max_source_tokens, info.eos_token_id)])
-        self.metric = get_metric(inputs.task.metric)
-        self.metric_key = f"{inputs.task.name}|{inputs.task.metric}|{len(example_ids)}"
-        self.full = self.quality_of(traces.final_id)
+        opened = open_traces(inputs, profiles, score_cache=score_cache)
+        self.traces, self.traces_hash, self.info = opened.traces, opened.traces_hash, opened.info
+        self.detokenize, self.cache = opened.detokenize, opened.cache
+        self._hits, self._misses = opened.hits_before, opened.misses_before
+        self.example_ids, self.references = opened.example_ids, opened.references
+        self.source_len, self.example_index = opened.source_len, opened.example_index
+        self.quality_of = opened.quality_of
+        self.full = opened.full
+        self.profiles, self.costs = opened.profiles, opened.costs
         # per-example samples, quality intervals and per-request latency of each point
-        self.points = PointStatistics(traces, example_ids, self.references, inputs.task,
-                                      inputs.model.name, self.detokenize, info.eos_token_id,
-                                      self.cache, bootstrap or BootstrapSettings(seed=seed))
+        self.points = PointStatistics(self.traces, self.example_ids, self.references,
+                                      inputs.task, inputs.model.name, self.detokenize,
+                                      self.info.eos_token_id, self.cache,
+                                      bootstrap or BootstrapSettings(seed=seed))
         self.points.add_full_depth()
-        self.example_index = example_index_from_ids(traces.example_id)
-        self.profiles = [get_profile(name) for name in profiles]
-        self.costs = {p.name: operation_costs(p, info.dims, inputs.dtype, info.gated_ffn,
-                                              info.num_encoder_layers) for p in self.profiles}
         self.hidden = HiddenStateLoader(inputs.model.path, inputs.data_dir)
         self.load_seconds = time.perf_counter() - started
-
-    def quality_of(self, token_rows: np.ndarray) -> dict:
-        texts = self.detokenize(sequences_by_example(self.traces, token_rows,
-                                                     self.info.eos_token_id))
-        key = self.metric_key + "|" + outputs_hash(texts)
-
-        def compute() -> dict:
-            result = self.metric(texts, self.references)
-            return {"scores": result.scores, "primary": result.primary,
-                    "signature": result.signature}
-
-        return self.cache.get_or_compute(key, compute)
 
     @property
     def outputs_scored(self) -> int:

@@ -135,8 +135,20 @@ def test_concurrent_commands_wait_or_refuse_and_lose_nothing(fresh, reference, t
     assert {m: found[m] for m in MEASURES} == expected
 
 
-def test_ctrl_c_during_record_ends_in_one_line_and_resumes(fresh, reference):
-    config, run = fresh
+def test_ctrl_c_during_record_ends_in_one_line_and_resumes(tmp_path, random_backbone,
+                                                           samples_dir):
+    # one example per shard, so that a fast machine is still recording when the signal lands
+    # (with three shards of four, CI once finished all three first); the uninterrupted run of
+    # the same config is the reference
+    fine = {"shard_size": 1, "record_batch_size": 1}
+    expected_config = write_config(tmp_path / "whole", random_backbone, samples_dir,
+                                   measures=MEASURES, **fine)
+    assert cli("run", "--config", str(expected_config), "--no-progress").returncode == 0
+    expected = tmp_path / "whole" / "run"
+    shards = manifest_shards(expected)
+    assert shards == 12
+    config = write_config(tmp_path, random_backbone, samples_dir, measures=MEASURES, **fine)
+    run = tmp_path / "run"
     driver = start("run", "--config", str(config), "--no-progress")
     wait_for(lambda: manifest_shards(run) >= 1 or driver.poll() is not None,
              what="a first shard")
@@ -147,12 +159,12 @@ def test_ctrl_c_during_record_ends_in_one_line_and_resumes(fresh, reference):
         "exitbench run: interrupted; finished work is kept and a rerun resumes from it")
     assert "Traceback" not in err and "ValueError" not in err
     kept = manifest_shards(run)
-    assert 1 <= kept < 3
+    assert 1 <= kept < shards
     resumed = cli("run", "--config", str(config), "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
-    assert re.search(rf"record\s+done\s+{3 - kept}\s+skipped\s+{kept}", resumed.stdout)
-    assert shard_hashes(run) == shard_hashes(reference[0])
-    assert rows_by_measure(run) == rows_by_measure(reference[0])
+    assert re.search(rf"record\s+done\s+{shards - kept}\s+skipped\s+{kept}", resumed.stdout)
+    assert shard_hashes(run) == shard_hashes(expected)
+    assert rows_by_measure(run) == rows_by_measure(expected)
 
 
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])

@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from suite.fidelity import run_online, write_fidelity_report
     from suite.record import record_task
     from suite.runner import ensure_backbones, record_jobs, replay_suite
+    from suite.speculative_sweep import run_methods_online
 
     config = load_config(args.config)
     ensure_backbones(config, progress=not args.no_progress)
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     replay_suite(config, args.config, progress=not args.no_progress, use_ray=False,
                  build_leaderboard=False)
     report = run_online(config, progress=not args.no_progress)
+    run_methods_online(config, report, progress=not args.no_progress)
     print(publish(config, report, build_site=not args.no_leaderboard))
     path = write_fidelity_report(config, Path(config.output_dir) / "fidelity")
     print(path.read_text("utf-8"))

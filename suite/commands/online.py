@@ -32,9 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from suite.config import load_config
     from suite.fidelity import run_online
+    from suite.speculative_sweep import run_methods_online
 
     config = load_config(args.config)
     report = run_online(config, progress=not args.no_progress)
+    run_methods_online(config, report, progress=not args.no_progress)
     print(publish(config, report, build_site=not args.no_leaderboard))
     return 1 if report.errors and not report.parts_done and not report.parts_reused else 0
 

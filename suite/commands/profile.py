@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from suite.profiling import (
         DEFAULT_BATCH_SIZES,
         DEFAULT_CONTEXTS,
+        DEFAULT_QUERY_LENS,
         DEFAULT_REPEATS,
         DEFAULT_SOURCE_LEN,
         DEFAULT_WARMUP,
@@ -36,8 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Time the operations of T5 decoding through the suite's own layer loop on "
                     "this device, for one model: a decoder-layer step by batch size and "
                     "context length, LM head + softmax, the K/V fill of a skipped layer, each "
-                    "measure's check, the encoder prefill by batch size and source length, and "
-                    "the fixed per-step cost. Writes a `kind: measured` profile YAML that "
+                    "measure's check, the encoder prefill by batch size and source length, "
+                    "self-speculation's verification pass by query length and its rollback, "
+                    "and the fixed per-step cost. Writes a `kind: measured` profile YAML that "
                     "the cost model prices replays with (valid for that model's sizes only).")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--model", required=True,
@@ -62,6 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              f"{DEFAULT_REPEATS})")
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
                         help=f"untimed runs per entry first (default {DEFAULT_WARMUP})")
+    parser.add_argument("--query-lens", type=_int_list, default=None, metavar="Q,Q,...",
+                        help="positions per row of the timed verification passes of "
+                             "self-speculative decoding, k + 1 (default: those of "
+                             f"{csv(DEFAULT_QUERY_LENS)} below the middle context)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads while timing (default: torch's own choice)")
     parser.add_argument("--measures", default="all", metavar="all|NAME,FILE.py,...",
@@ -87,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, batch_sizes=tuple(args.batch_sizes),
         contexts=tuple(args.contexts), source_len=args.source_len,
         source_lens=tuple(args.source_lens) if args.source_lens else None,
-        repeats=args.repeats, warmup=args.warmup, measures=measures, threads=args.threads)
+        repeats=args.repeats, warmup=args.warmup, measures=measures, threads=args.threads,
+        query_lens=tuple(args.query_lens) if args.query_lens else None)
     profile, result = profile_model(args.model, args.out, settings, log=print)
     env = profile.environment
     print("fixed step by batch size: " + ", ".join(
@@ -97,6 +104,11 @@ def run(args: argparse.Namespace) -> int:
         seconds = profile.tables.measure_check_seconds[name].seconds
         print(f"check {name}: " + ", ".join(f"{1e6 * t:.1f} us" for t in seconds)
               + f"  [{how}]")
+    verify = profile.tables.verify_layer_seconds
+    if verify is not None:
+        print(f"verification pass per layer at {verify.context_len} keys: " + "; ".join(
+            f"B={b} " + ", ".join(f"q={q} {1e6 * t:.0f} us" for q, t in zip(verify.query_lens, row))
+            for b, row in zip(verify.batch_sizes, verify.seconds)))
     if result.skipped_measures:
         print(f"no check table (these measures make no check on a model of this depth): "
               f"{', '.join(result.skipped_measures)}")
