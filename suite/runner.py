@@ -60,7 +60,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     # keep every node on loopback: otherwise Ray picks the machine's interface address
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if address is None:
-        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
+        # "local": a new instance of our own; without it Ray joins any instance another
+        # process on this machine started (/tmp/ray/ray_current_cluster)
+        ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1",
+                 include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
     else:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
