@@ -135,9 +135,10 @@ def test_accumulation_and_checkpointing_keep_the_update(random_backbone, tmp_pat
     whole = weights("whole")
     for other in (weights("accumulated", grad_accum_steps=2), weights("recompute")):
         assert all(torch.allclose(whole[k], other[k], atol=1e-6) for k in whole)
-    bf16 = weights("bf16", precision="bf16")  # autocast runs (on a GPU it is the fast path)
-    assert all(torch.isfinite(v).all() for v in bf16.values())
-    assert any(not torch.equal(whole[k], bf16[k]) for k in whole)
+    for precision in ("bf16", "fp16"):  # autocast (and fp16's loss scaling) run; on a GPU
+        low = weights(precision, precision=precision)  # they are the fast path
+        assert all(torch.isfinite(v).all() for v in low.values())
+        assert any(not torch.equal(whole[k], low[k]) for k in whole)
 
 
 def test_cli_rejects_preset_with_init_and_tokenizer_with_init(random_backbone, tmp_path,
