@@ -116,6 +116,9 @@ class ModelConfig(_Strict):
     train: TrainConfig | None = None
     """When set and ``path`` holds no finished model, the suite trains it there first
     (with the suite config's ``tokenizer``)."""
+    chat_template: bool = False
+    """Decoder-only models: wrap each task's prompt as the user turn of the tokenizer's chat
+    template (``suite/prompts.py``); plain prompts otherwise."""
 
 
 class RayConfig(_Strict):

@@ -32,7 +32,7 @@ from suite.errors import ExitbenchError, MeasureFailedError
 from suite.measures import Measure, ModelDims, code_hash, get_measure
 from suite.metrics import get_metric
 from suite.profiles import get_profile
-from suite.record import encode_texts
+from suite.prompts import encode_sources, prompt_format
 from suite.replay import (
     ScoreCache,
     exit_statistics,
@@ -57,6 +57,14 @@ class ModelInfo:
     gated_ffn: bool
     num_encoder_layers: int
     eos_token_id: int
+    decoder_only: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+    """Every EOS id the checkpoint names (decoder-only models may have several)."""
+
+    def costs(self, profile, dtype: str):
+        """The operation costs of ``profile`` for this backbone."""
+        return operation_costs(profile, self.dims, dtype, self.gated_ffn,
+                               self.num_encoder_layers, self.decoder_only)
 
 
 def model_info(model_path: str) -> ModelInfo:
@@ -65,6 +73,10 @@ def model_info(model_path: str) -> ModelInfo:
     from suite.models import resolve_model_folder
 
     config = AutoConfig.from_pretrained(resolve_model_folder(model_path))
+    if getattr(config, "model_type", None) not in ("t5", "mt5"):
+        from suite.backbones.decoder_only import decoder_only_info
+
+        return decoder_only_info(config, model_path)
     num_layers = int(getattr(config, "num_decoder_layers", None) or config.num_layers)
     dims = ModelDims(num_layers=num_layers, d_model=int(config.d_model), d_ff=int(config.d_ff),
                      num_heads=int(config.num_heads), d_kv=int(config.d_kv),
@@ -264,27 +276,31 @@ class Sweep:
                                  f"from another split?")
         self.references = [examples[i].references for i in example_ids]
         # the encoder lengths the record stage used (same truncation rule, EOS included)
-        self.source_len = np.array([len(ids) for ids in encode_texts(
-            tokenizer, [examples[i].source for i in example_ids],
-            inputs.task.limits.max_source_tokens, info.eos_token_id)])
+        # the encoder lengths (prompt lengths) the record stage used: same truncation rule
+        self.format = prompt_format(tokenizer, inputs.task, decoder_only=info.decoder_only,
+                                    eos_token_ids=info.eos_token_ids or (info.eos_token_id,),
+                                    chat_template=inputs.model.chat_template)
+        self.stop_token_ids = self.format.stop_token_ids
+        self.source_len = np.array([len(ids) for ids in encode_sources(
+            tokenizer, [examples[i] for i in example_ids], self.format,
+            inputs.task.limits.max_source_tokens)])
         self.metric = get_metric(inputs.task.metric)
         self.metric_key = f"{inputs.task.name}|{inputs.task.metric}|{len(example_ids)}"
         self.full = self.quality_of(traces.final_id)
         # per-example samples, quality intervals and per-request latency of each point
         self.points = PointStatistics(traces, example_ids, self.references, inputs.task,
-                                      inputs.model.name, self.detokenize, info.eos_token_id,
+                                      inputs.model.name, self.detokenize, self.stop_token_ids,
                                       self.cache, bootstrap or BootstrapSettings(seed=seed))
         self.points.add_full_depth()
         self.example_index = example_index_from_ids(traces.example_id)
         self.profiles = [get_profile(name) for name in profiles]
-        self.costs = {p.name: operation_costs(p, info.dims, inputs.dtype, info.gated_ffn,
-                                              info.num_encoder_layers) for p in self.profiles}
+        self.costs = {p.name: info.costs(p, inputs.dtype) for p in self.profiles}
         self.hidden = HiddenStateLoader(inputs.model.path, inputs.data_dir)
         self.load_seconds = time.perf_counter() - started
 
     def quality_of(self, token_rows: np.ndarray) -> dict:
         texts = self.detokenize(sequences_by_example(self.traces, token_rows,
-                                                     self.info.eos_token_id))
+                                                     self.stop_token_ids))
         key = self.metric_key + "|" + outputs_hash(texts)
 
         def compute() -> dict:
