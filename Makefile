@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup quickstart test lint bench clean
+.PHONY: setup quickstart quickstart-hub default-backbone test lint bench clean
 
 $(PY): pyproject.toml scripts/setup.sh
 	./scripts/setup.sh
@@ -20,6 +20,10 @@ setup: $(PY)
 quickstart: $(PY)
 	$(VENV)/bin/exitbench run --config configs/quickstart.yaml
 
+# Needs internet: google-t5/t5-small comes from the Hugging Face hub (cached after the first run).
+quickstart-hub: $(PY)
+	HF_HUB_OFFLINE=0 $(VENV)/bin/exitbench run --config configs/quickstart_hub.yaml
+
 test: $(PY)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -28,4 +32,4 @@ lint: $(PY)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf runs/quickstart .pytest_cache
+	rm -rf runs/quickstart runs/quickstart_hub .pytest_cache

@@ -42,4 +42,6 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "$VENV/bin/python" -m pip install -qq "$TORCH_SPEC"
 fi
 "$VENV/bin/python" -m pip install -qq -e ".[test]"
+# Ray's train extra (ray[default,train] in pyproject.toml) carries `exitbench train --workers`.
+"$VENV/bin/python" -c "import ray.train.torch" || { echo "ray[train] did not install" >&2; exit 1; }
 echo "exitbench installed in $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from suite.errors import ConfigError, UnknownNameError
 
@@ -88,21 +88,54 @@ class TokenizerConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """Train the backbone here when its folder does not hold a finished model."""
+    """Train the backbone here when its folder does not hold a finished model: fresh from
+    a preset with the config's ``tokenizer``, or fine-tuned from ``init``."""
 
-    objective: Literal["vanilla", "calm", "free"] = "calm"
-    preset: str = "tiny"
+    objective: Literal["vanilla", "calm", "free", "layerskip"] = "calm"
+    init: str | None = None
+    """Pretrained checkpoint to fine-tune (hub id or folder; its own tokenizer is used)."""
+    preset: str | None = None
+    """Size of a fresh model (default ``tiny``); not with ``init``."""
     tasks: list[str] = Field(min_length=1)
     split: str
     eval_split: str | None = None
+    eval_every: int | None = Field(default=None, ge=1)
     limit: int | None = Field(default=None, ge=1)
     steps: int = Field(default=600, ge=1)
     batch_size: int = Field(default=16, ge=1)
+    """The global batch (over all workers and accumulation steps)."""
     learning_rate: float = Field(default=3e-3, gt=0)
+    warmup_steps: int = Field(default=30, ge=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    dropout_rate: float | None = Field(default=None, ge=0, lt=1)
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    final_lr_fraction: float = Field(default=0.1, ge=0, le=1)
+    grad_accum_steps: int = Field(default=1, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
     max_source_tokens: int | None = Field(default=None, ge=2)
     max_target_tokens: int | None = Field(default=None, ge=2)
     shallow_layer: int | None = Field(default=None, ge=1)
+    kd_weight: float = Field(default=0.5, ge=0)
+    layer_dropout: float | None = Field(default=None, ge=0, lt=1)
+    """LayerSkip: the last layer's dropout rate (default 0.2, LayerSkip's)."""
+    early_exit_scale: float | None = Field(default=None, gt=0)
+    """LayerSkip: scale of the early exits' losses (default 1.0)."""
+    curriculum: Literal["gradual", "none"] | None = None
+    """LayerSkip: which exits' losses count when (default gradual)."""
     seed: int = 0
+    workers: int | None = Field(default=None, ge=1)
+    """Ray Train workers (PyTorch DDP, one GPU each when ``device`` is CUDA) on the config's
+    Ray (``ray.address``); ``None`` trains in the driver process."""
+    checkpoint_every: int = Field(default=100, ge=1)
+
+    @model_validator(mode="after")
+    def _preset_or_init(self) -> TrainConfig:
+        if self.init is not None and self.preset is not None:
+            raise ValueError("give either 'preset' (a fresh model) or 'init' (a pretrained "
+                             "checkpoint to fine-tune), not both")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -372,9 +405,10 @@ def _check_names(config: SuiteConfig, path: str) -> None:
     for dup in sorted({n for n in model_names if model_names.count(n) > 1}):
         errors.append(f"{path}: models: the name {dup!r} is used twice; names must be unique")
     for i, model in enumerate(config.models):
-        if model.train is not None and config.tokenizer is None:
-            errors.append(f"{path}: models[{i}] ({model.name}).train: training a backbone needs "
-                          f"a top-level 'tokenizer' section")
+        if model.train is not None and model.train.init is None and config.tokenizer is None:
+            errors.append(f"{path}: models[{i}] ({model.name}).train: training a backbone from "
+                          f"scratch needs a top-level 'tokenizer' section (or 'init' to "
+                          f"fine-tune a pretrained checkpoint)")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 

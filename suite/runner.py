@@ -161,9 +161,12 @@ class RunSummary:
     site_index: Path | None = None
     shard_nodes: dict[str, str] = field(default_factory=dict)
     """Shard file -> node id of the worker that recorded it (this run's new shards)."""
+    backbones: list[str] = field(default_factory=list)
+    """One line per model: its name and what it is."""
 
     def format(self) -> str:
-        lines = [f"run {self.output_dir}"] + ["  " + s.line() for s in self.stages]
+        lines = [f"run {self.output_dir}"] + [f"  backbone {b}" for b in self.backbones] \
+            + ["  " + s.line() for s in self.stages]
         if self.site_index:
             lines.append(f"  leaderboard: open {self.site_index}")
         return "\n".join(lines)
@@ -758,10 +761,10 @@ def ensure_backbones(config: SuiteConfig, *, progress: bool = True) -> StageRepo
         report.seconds = time.perf_counter() - started
         return report
     from suite.tokenizer import TokenizerSettings, read_metadata, task_texts, train_tokenizer
-    from suite.training import TrainSettings, read_model_metadata, train
+    from suite.training import Launch, TrainSettings, read_model_metadata, train
 
     tok = config.tokenizer
-    if read_metadata(tok.path) is None:
+    if any(m.train.init is None for m in to_train) and read_metadata(tok.path) is None:
         texts, sources = task_texts(tok.tasks, tok.split, config.data_dir, tok.limit)
         heldout, held = task_texts(tok.tasks, tok.heldout_split, config.data_dir, tok.limit)
         for a, b in zip(sources, held):
@@ -779,7 +782,7 @@ def ensure_backbones(config: SuiteConfig, *, progress: bool = True) -> StageRepo
                                                    seed=config.seed), provenance)
         report.done += 1
         report.notes.append(f"tokenizer: held-out <unk> {result.heldout.rate:.3%}")
-    else:
+    elif tok is not None:
         report.skipped += 1
     for model in to_train:
         spec = model.train
@@ -790,20 +793,44 @@ def ensure_backbones(config: SuiteConfig, *, progress: bool = True) -> StageRepo
             continue
         except (ExitbenchError, OSError, ValueError):
             pass
-        settings = TrainSettings(objective=spec.objective, preset=spec.preset,
-                                 tasks=tuple(spec.tasks), split=spec.split, limit=spec.limit,
-                                 max_source_tokens=spec.max_source_tokens,
-                                 max_target_tokens=spec.max_target_tokens,
-                                 shallow_layer=spec.shallow_layer, steps=spec.steps,
-                                 batch_size=spec.batch_size, learning_rate=spec.learning_rate,
-                                 seed=spec.seed)
-        result = train(settings, tok.path, folder, data_dir=config.data_dir,
-                       eval_split=spec.eval_split, progress=progress)
+        settings = TrainSettings(
+            objective=spec.objective, preset=spec.preset or TrainSettings().preset,
+            init=spec.init, tasks=tuple(spec.tasks), split=spec.split, limit=spec.limit,
+            max_source_tokens=spec.max_source_tokens, max_target_tokens=spec.max_target_tokens,
+            shallow_layer=spec.shallow_layer, kd_weight=spec.kd_weight, steps=spec.steps,
+            batch_size=spec.batch_size, learning_rate=spec.learning_rate,
+            warmup_steps=spec.warmup_steps, weight_decay=spec.weight_decay,
+            dropout_rate=spec.dropout_rate, optimizer=spec.optimizer,
+            lr_schedule=spec.lr_schedule, final_lr_fraction=spec.final_lr_fraction,
+            grad_accum_steps=spec.grad_accum_steps, precision=spec.precision, seed=spec.seed,
+            layer_dropout=spec.layer_dropout, early_exit_scale=spec.early_exit_scale,
+            curriculum=spec.curriculum)
+        launch = Launch(workers=spec.workers, address=config.ray.address, device=config.device,
+                        cpus_per_worker=config.ray.cpus_per_worker)
+        result = train(settings, None if spec.init else tok.path, folder,
+                       data_dir=config.data_dir, eval_split=spec.eval_split,
+                       eval_every=spec.eval_every, checkpoint_every=spec.checkpoint_every,
+                       progress=progress, launch=launch,
+                       gradient_checkpointing=spec.gradient_checkpointing)
         report.done += 1
-        report.notes.append(f"{model.name}: {spec.objective}, final loss "
-                            f"{getattr(result, 'final_loss', float('nan')):.3f}")
+        report.notes.append(f"{model.name}: {spec.objective}"
+                            + (f" from {spec.init}" if spec.init else "")
+                            + f", final loss {getattr(result, 'final_loss', float('nan')):.3f}")
     report.seconds = time.perf_counter() - started
     return report
+
+
+def describe_backbone(model: ModelConfig) -> str:
+    """What a backbone is, for the run's summary: the config's label, else the label its
+    model folder records, else its path."""
+    if model.label:
+        return model.label
+    from suite.training import read_model_metadata
+
+    try:
+        return str(read_model_metadata(model.path).get("label") or model.path)
+    except (ExitbenchError, OSError, ValueError):
+        return model.path
 
 
 # -- validation --------------------------------------------------------------------------------------
@@ -990,6 +1017,7 @@ def run_suite(config: SuiteConfig, config_path: str | None = None, *, progress: 
     summary = RunSummary(output_dir=output, stages=[])
     with run_lock(output):
         summary.stages.append(ensure_backbones(config, progress=progress))
+        summary.backbones = [f"{m.name}: {describe_backbone(m)}" for m in config.models]
         started_ray = init_ray(config.ray.address, config.ray.num_cpus, output / "logs")
         try:
             summary.stages.append(run_record_stage(with_submissions(config), progress=progress,

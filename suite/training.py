@@ -43,9 +43,7 @@ import dataclasses
 import json
 import math
 import os
-import random
 import shutil
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +53,7 @@ import numpy as np
 
 from suite.atomic import atomic_write_json, temp_dir_beside
 from suite.errors import ExitbenchError
+from suite.train_loop import TRAINER_STATE_FILE  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     import torch
@@ -63,11 +62,12 @@ if TYPE_CHECKING:
 # them: the CLI imports this module to build its parser, and every `exitbench` command
 # would otherwise pay torch's import time.
 
-OBJECTIVES = ("vanilla", "calm", "free")
+OBJECTIVES = ("vanilla", "calm", "free", "layerskip")
 MODEL_METADATA_FILE = "exitbench_model.json"
 RUN_FILE = "exitbench_train.json"
-TRAINER_STATE_FILE = "trainer_state.pt"
 IGNORE_INDEX = -100
+OPTIMIZERS = ("adamw", "adafactor")
+LR_SCHEDULES = ("linear", "cosine", "constant")
 MODEL_FORMAT_VERSION = 1
 
 
@@ -86,6 +86,9 @@ class Preset:
     num_layers: int
     dropout_rate: float
     description: str
+    family: str = "t5"
+    """The model family built from it: ``t5`` or ``llama`` (a Llama-style decoder-only model
+    of ``num_layers`` layers, ``d_model`` wide, ``d_ff`` FFN, ``num_heads`` heads of ``d_kv``)."""
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
@@ -95,6 +98,13 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            description="quickstart size: ~3.5M parameters with a 4k vocabulary; minutes on 2 CPU cores"),
     Preset("small", d_model=256, d_ff=1024, num_heads=4, d_kv=64, num_layers=8, dropout_rate=0.1,
            description="~15M parameters; for a GPU or a long CPU run"),
+    Preset("llama-micro", d_model=32, d_ff=64, num_heads=2, d_kv=16, num_layers=3,
+           dropout_rate=0.0, family="llama",
+           description="decoder-only Llama for tests: trains in seconds, learns little"),
+    Preset("llama-tiny", d_model=128, d_ff=384, num_heads=4, d_kv=32, num_layers=6,
+           dropout_rate=0.0, family="llama",
+           description="decoder-only Llama, ~1.7M parameters with a 4k vocabulary; minutes on "
+                       "2 CPU cores"),
 )}
 
 
@@ -153,8 +163,30 @@ class Objective:
     """FREE's shallow exit, 1-based; ``None`` means ``round(L / 3)``."""
     kd_weight: float = 0.5
     """FREE's ``alpha``: weight of the layer-wise distillation term."""
+    layer_dropout: float | None = None
+    """LayerSkip: the last layer's dropout rate ``p_max`` (``None``: 0.2, LayerSkip's)."""
+    early_exit_scale: float | None = None
+    """LayerSkip: ``e_scale`` of the early exits' losses (``None``: 1.0)."""
+    curriculum: str | None = None
+    """LayerSkip: ``gradual`` or ``none`` (``None``: gradual)."""
+    step: int = 0
+    """The optimiser step (1-based) the loss is for: LayerSkip's curriculum and dropout draw."""
+    total_steps: int = 0
+    seed: int = 0
+
+    def layerskip_options(self) -> dict[str, Any]:
+        return {"layer_dropout": self.layer_dropout, "early_exit_scale": self.early_exit_scale,
+                "curriculum": self.curriculum}
+
+    def at_step(self, step: int, total_steps: int, seed: int = 0) -> Objective:
+        """The objective at optimiser step ``step`` of ``total_steps``."""
+        return dataclasses.replace(self, step=step, total_steps=total_steps, seed=seed)
 
     def __post_init__(self) -> None:
+        if self.layer_dropout is not None and not 0.0 <= self.layer_dropout < 1.0:
+            raise ExitbenchError(f"layer dropout {self.layer_dropout} must be in [0, 1)")
+        if self.curriculum is not None and self.curriculum not in ("gradual", "none"):
+            raise ExitbenchError(f"unknown curriculum {self.curriculum!r}; use gradual or none")
         if self.name not in OBJECTIVES:
             raise ExitbenchError(f"unknown objective {self.name!r}; use one of "
                                  f"{', '.join(OBJECTIVES)}")
@@ -251,6 +283,9 @@ def objective_loss(model, batch: dict[str, torch.Tensor], objective: Objective) 
 
     num_layers = model.config.num_decoder_layers
     objective = objective.resolved(num_layers)
+    if objective.name == "layerskip":
+        raise ExitbenchError("the layerskip objective trains decoder-only models (a llama-* "
+                             "preset or --init of a Llama, Mistral or Qwen checkpoint)")
     if objective.name == "vanilla":
         outputs = _forward(model, batch, hidden=False)
         mask = batch["labels"] != IGNORE_INDEX
@@ -314,6 +349,50 @@ def encode_examples(tokenizer, examples, max_source_tokens: int,
                        example_ids=tuple(e.id for e in examples))
 
 
+def settings_decoder_only(settings: TrainSettings) -> bool:
+    """Whether ``settings`` train a decoder-only model (a llama-* preset, or an init
+    checkpoint whose config names a causal LM)."""
+    if settings.init is None:
+        return get_preset(settings.preset).family != "t5"
+    from suite.models import is_decoder_only
+
+    return is_decoder_only(settings.init)
+
+
+def objective_needs_decoder_only(settings: TrainSettings) -> bool:
+    return settings.objective == "layerskip"
+
+
+def encode_causal_examples(tokenizer, examples, task) -> EncodedData:
+    """Decoder-only training data: the task's plain prompt and its continuation, EOS last
+    (:mod:`suite.prompts`, the same encoding traces use)."""
+    from suite.prompts import PromptFormat, encode_prompts, encode_targets
+
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ExitbenchError("the tokenizer names no EOS token; decoder-only training needs one")
+    fmt = PromptFormat(decoder_only=True, eos_token_id=int(eos), stop_token_ids=(int(eos),))
+    from suite.prompts import prompt_text
+
+    sources = encode_prompts(tokenizer, [prompt_text(tokenizer, e, fmt) for e in examples],
+                             task.limits.max_source_tokens)
+    targets = encode_targets(tokenizer, examples, fmt, task.limits.max_target_tokens)
+    return EncodedData(sources=tuple(tuple(s) for s in sources),
+                       targets=tuple(tuple(t) for t in targets),
+                       example_ids=tuple(e.id for e in examples))
+
+
+def layerskip_record(objective: Objective, num_layers: int) -> dict[str, Any]:
+    """What a LayerSkip-trained folder records of its recipe."""
+    from suite.backbones.causal_training import LAYERSKIP_DEFAULTS, layer_dropout_rates
+
+    options = {**LAYERSKIP_DEFAULTS, **{k: v for k, v in objective.layerskip_options().items()
+                                        if v is not None}}
+    return {**options, "loss_scale": "linear_l",
+            "layer_dropout_rates": layer_dropout_rates(num_layers,
+                                                       options["layer_dropout"]).tolist()}
+
+
 def collate(data: EncodedData, indices: Sequence[int], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-padded tensors for the examples at ``indices``; labels are ``-100`` at padding."""
     import torch
@@ -375,7 +454,8 @@ class TrainSettings:
     agree on all of it (plus the tokenizer and the training examples)."""
 
     objective: str = "calm"
-    preset: str = "tiny"
+    preset: str | None = "tiny"
+    """Size of a fresh model; ``None`` (set automatically) when ``init`` is given."""
     tasks: tuple[str, ...] = ("squad",)
     split: str = "validation"
     limit: int | None = None
@@ -386,18 +466,43 @@ class TrainSettings:
     kd_weight: float = 0.5
     steps: int = 200
     batch_size: int = 16
+    """The global batch: examples per optimiser step, over all workers and accumulation
+    steps together."""
     learning_rate: float = 3e-3
     warmup_steps: int = 30
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     dropout_rate: float | None = None
-    """``None``: the preset's."""
+    """``None``: the preset's (or the init checkpoint's)."""
     seed: int = 0
+    init: str | None = None
+    """Pretrained checkpoint to fine-tune (hub id or folder); ``None``: a fresh model."""
+    optimizer: str = "adamw"
+    """``adamw`` or ``adafactor`` (FREE's scripts; fixed learning rate)."""
+    lr_schedule: str = "linear"
+    """``linear`` or ``cosine`` decay after the warmup, or ``constant``."""
+    final_lr_fraction: float = 0.1
+    """Learning rate at the last step, as a fraction of the peak (linear and cosine)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per worker per optimiser step."""
+    precision: str = "fp32"
+    """``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast and dynamic loss scaling)."""
+    layer_dropout: float | None = None
+    """LayerSkip's maximum layer dropout (``None``: 0.2; only with ``objective=layerskip``)."""
+    early_exit_scale: float | None = None
+    curriculum: str | None = None
 
     def __post_init__(self) -> None:
+        from suite.train_loop import PRECISIONS
+
         Objective(self.objective, self.shallow_layer, self.kd_weight)  # validates the name
-        get_preset(self.preset)
-        for name in ("steps", "batch_size"):
+        if self.init is not None:
+            object.__setattr__(self, "preset", None)  # the architecture is the checkpoint's
+        elif self.preset is None:
+            raise ExitbenchError("no model to train: give a preset (e.g. tiny) or --init")
+        else:
+            get_preset(self.preset)
+        for name in ("steps", "batch_size", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ExitbenchError(f"{name.replace('_', '-')} must be at least 1, got "
                                      f"{getattr(self, name)}")
@@ -405,10 +510,29 @@ class TrainSettings:
             raise ExitbenchError("no training task given; pass --task (e.g. --task squad)")
         if self.learning_rate <= 0:
             raise ExitbenchError(f"learning rate {self.learning_rate} must be positive")
+        for name, value, allowed in (("optimizer", self.optimizer, OPTIMIZERS),
+                                     ("lr schedule", self.lr_schedule, LR_SCHEDULES),
+                                     ("precision", self.precision, PRECISIONS)):
+            if value not in allowed:
+                raise ExitbenchError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
+        if not 0.0 <= self.final_lr_fraction <= 1.0:
+            raise ExitbenchError(f"final learning-rate fraction {self.final_lr_fraction} must "
+                                 f"be in [0, 1]")
 
     @property
     def objective_spec(self) -> Objective:
-        return Objective(self.objective, self.shallow_layer, self.kd_weight)
+        return Objective(self.objective, self.shallow_layer, self.kd_weight,
+                         layer_dropout=self.layer_dropout,
+                         early_exit_scale=self.early_exit_scale, curriculum=self.curriculum)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings as recorded with the model; LayerSkip's options only when set, so
+        folders trained before they existed still match."""
+        values = dataclasses.asdict(self)
+        for name in ("layer_dropout", "early_exit_scale", "curriculum"):
+            if values[name] is None:
+                del values[name]
+        return values
 
 
 QUICKSTART_SETTINGS = TrainSettings(objective="calm", preset="tiny", tasks=("squad",),
@@ -438,46 +562,7 @@ class TrainResult:
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-# -- the loop --------------------------------------------------------------------------------
-def _rng_state() -> dict[str, Any]:
-    import torch
-
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    # Plain types and int64 tensors only, so the state loads with ``weights_only=True``.
-    return {"torch": torch.get_rng_state(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "python": random.getstate()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def _seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _schedule(warmup: int, total: int) -> Callable[[int], float]:
-    """Linear warmup to the peak rate, then linear decay to 10% of it at the last step
-    (a short run gains most from ending at a low rate)."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        remaining = max(total - warmup, 1)
-        return max(0.1, 1.0 - 0.9 * (step - warmup) / remaining)
-    return factor
-
-
+# -- the driver --------------------------------------------------------------------------------
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     keys = sorted(set(old) | set(new))
     return [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)]
@@ -485,11 +570,6 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def _checkpoint_dir(out: Path) -> Path:
     return out.with_name(out.name + ".checkpoints")
-
-
-def _latest_checkpoint(folder: Path) -> Path | None:
-    done = sorted(p for p in folder.glob("step-*") if (p / TRAINER_STATE_FILE).is_file())
-    return done[-1] if done else None
 
 
 def _write_folder(target: Path, fill: Callable[[Path], None]) -> None:
@@ -516,8 +596,11 @@ def _load_examples(settings: TrainSettings, split: str, data_dir, tokenizer) -> 
         task = get_task(name).with_limits(max_source_tokens=settings.max_source_tokens,
                                           max_target_tokens=settings.max_target_tokens)
         examples = load_examples(task, split, data_dir, settings.limit)
-        parts.append(encode_examples(tokenizer, examples, task.limits.max_source_tokens,
-                                     task.limits.max_target_tokens))
+        if settings_decoder_only(settings):
+            parts.append(encode_causal_examples(tokenizer, examples, task))
+        else:
+            parts.append(encode_examples(tokenizer, examples, task.limits.max_source_tokens,
+                                         task.limits.max_target_tokens))
         described.append({"task": name, "split": split, "num_examples": len(examples),
                           "max_source_tokens": task.limits.max_source_tokens,
                           "max_target_tokens": task.limits.max_target_tokens})
@@ -540,15 +623,20 @@ def evaluate_layer_losses(model, data: EncodedData, batch_size: int = 32) -> lis
 
 
 def _evaluate_layer_losses(model, data: EncodedData, batch_size: int) -> list[float]:
+    from suite.backbones import family_for
+
+    family = family_for(model.config.model_type)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     totals = None
     count = 0
     order = np.argsort([len(s) for s in data.sources], kind="stable")
     for start in range(0, len(order), batch_size):
-        batch = collate(data, order[start:start + batch_size])
-        tokens = int((batch["labels"] != IGNORE_INDEX).sum())
-        losses = layer_losses(model, batch) * tokens
+        indices = order[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in family.collate(data, indices).items()}
+        tokens = sum(len(data.targets[i]) for i in indices)
+        losses = family.layer_losses(model, batch).double() * tokens
         totals = losses if totals is None else totals + losses
         count += tokens
     model.train(was_training)
@@ -562,38 +650,88 @@ def describe_data(described: list[dict[str, Any]]) -> str:
                       f"{d['num_examples']} examples)" for d in described)
 
 
-def train(settings: TrainSettings, tokenizer_dir: str | Path, out: str | Path, *,
+@dataclass(frozen=True)
+class Launch:
+    """Where training runs: this process (``workers=None``) or ``workers`` Ray Train workers
+    (PyTorch DDP) on the Ray instance at ``address`` (``None``: one started here on
+    127.0.0.1)."""
+
+    workers: int | None = None
+    address: str | None = None
+    device: str = "cpu"
+    """``cpu`` or ``cuda`` (Ray workers then ask for one GPU each)."""
+    cpus_per_worker: int = 1
+    storage: str | None = None
+    """Ray Train's storage for checkpoints; default ``<out>.checkpoints/ray``. On a
+    multi-node cluster it must be shared by every node (NFS, S3)."""
+    max_failures: int = 2
+    """Times a failed worker group is restarted from the newest checkpoint."""
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ExitbenchError(f"--workers must be at least 1, got {self.workers}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ExitbenchError(f"device {self.device!r} is not one; use cpu or cuda")
+
+
+def train(settings: TrainSettings, tokenizer_dir: str | Path | None, out: str | Path, *,
           data_dir: str | os.PathLike | None = None, eval_split: str | None = None,
-          checkpoint_every: int = 100, keep_checkpoints: int = 1, log_every: int = 10,
-          progress: bool = True, on_step: Callable[[int, float], None] | None = None
-          ) -> TrainResult:
-    """Train a model and write it to ``out`` (see the module docstring for the layout).
+          eval_every: int | None = None, checkpoint_every: int = 100, keep_checkpoints: int = 1,
+          log_every: int = 10, progress: bool = True,
+          on_step: Callable[[int, float], None] | None = None, launch: Launch | None = None,
+          gradient_checkpointing: bool = False, threads: int | None = None) -> TrainResult:
+    """Train a model (fresh from ``settings.preset`` with the tokenizer in
+    ``tokenizer_dir``, or fine-tuned from ``settings.init`` with its own tokenizer) and
+    write it to ``out`` (see the module docstring for the layout).
 
     Rerunning with the same settings resumes from the newest checkpoint in
     ``<out>.checkpoints`` or, when ``out`` is already complete, returns at once
-    (``already_done``). ``on_step(step, loss)`` is called after every optimiser step
-    (tests use it to interrupt a run)."""
+    (``already_done``). ``on_step(step, loss)`` is called after every optimiser step, on
+    every worker (tests use it to interrupt a run)."""
     import torch
-    from transformers import T5ForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
     from suite import __version__
-    from suite.tokenizer import copy_tokenizer_files, load_tokenizer, spiece_sha256
+    from suite.backbones import copy_tokenizer, family_for, resolve_init
+    from suite.models import load_tokenizer as load_any_tokenizer
+    from suite.tokenizer import load_tokenizer, spiece_sha256
     from suite.traces import hash_strings
+    from suite.train_loop import LocalCheckpoints, TrainJob, WorkerContext, run_training
 
     # Our bar shows training progress; HF's per-save and per-load bars would interleave.
     hf_logging.disable_progress_bar()
+    launch = launch or Launch()
     out = Path(out)
-    tokenizer_dir = Path(tokenizer_dir)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    preset = get_preset(settings.preset)
-    objective = settings.objective_spec.resolved(preset.num_layers)
+    init = None
+    if settings.init is not None:
+        if tokenizer_dir is not None:
+            raise ExitbenchError("--tokenizer and --init exclude each other: a fine-tuned "
+                                 "model keeps its checkpoint's tokenizer")
+        init = resolve_init(settings.init)
+        tokenizer_dir = init.folder
+        tokenizer = load_any_tokenizer(str(init.folder))
+        tokenizer_hash = init.tokenizer_sha256
+        depth = _config_depth(init.folder)
+    else:
+        if tokenizer_dir is None:
+            raise ExitbenchError("training a fresh model needs a tokenizer folder (--tokenizer, "
+                                 "from `exitbench train-tokenizer`), or --init to fine-tune")
+        tokenizer_dir = Path(tokenizer_dir)
+        tokenizer = load_tokenizer(tokenizer_dir)
+        tokenizer_hash = spiece_sha256(tokenizer_dir)
+        depth = get_preset(settings.preset).num_layers
+    if objective_needs_decoder_only(settings) and not settings_decoder_only(settings):
+        raise ExitbenchError(f"the {settings.objective} objective trains decoder-only models; "
+                             f"use a llama-* preset or --init a Llama, Mistral or Qwen "
+                             f"checkpoint")
+    objective = settings.objective_spec.resolved(depth)
     data, described, max_src, max_tgt = _load_examples(settings, settings.split, data_dir,
                                                        tokenizer)
-    identity = {**dataclasses.asdict(settings), "tasks": list(settings.tasks),
+    identity = {**settings.identity(), "tasks": list(settings.tasks),
                 "shallow_layer": objective.shallow_layer,
-                "tokenizer_spiece_sha256": spiece_sha256(tokenizer_dir),
-                "train_example_ids_sha256": hash_strings(list(data.example_ids))}
+                "tokenizer_spiece_sha256": tokenizer_hash,
+                "train_example_ids_sha256": hash_strings(list(data.example_ids)),
+                "init_weights_sha256": init.weights_sha256 if init else None}
 
     # A finished model, or checkpoints of an earlier run: the same settings continue it.
     if out.exists():
@@ -621,88 +759,58 @@ def train(settings: TrainSettings, tokenizer_dir: str | Path, out: str | Path, *
                                if metadata.get("eval") else None, metadata=metadata)
     ckpt_root = _checkpoint_dir(out)
     run_file = ckpt_root / RUN_FILE
-    latest = _latest_checkpoint(ckpt_root)
-    if latest is not None and run_file.is_file():
+    if run_file.is_file():
         differ = _differences(json.loads(run_file.read_text("utf-8")), identity)
         if differ:
             raise ExitbenchError(f"{ckpt_root} holds checkpoints of a run with other settings ("
                                  + "; ".join(differ) + f"); rerun with the same settings to "
                                  f"resume it, or delete {ckpt_root} to start over")
-    elif latest is None:
-        # Nothing to resume (a run stopped before its first checkpoint): start afresh.
+    else:
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # no run file: nothing resumable
         atomic_write_json(run_file, identity)
 
-    _seed_everything(settings.seed)
-    model = build_model(preset, len(tokenizer), seed=settings.seed,
-                        dropout_rate=settings.dropout_rate)
-    start_step = 0
-    earlier_seconds = 0.0
-    loss_log: list[float] = []
-    if latest is not None:
-        model = T5ForConditionalGeneration.from_pretrained(str(latest))
-        _set_generation_defaults(model)
-    optimizer = _optimizer(model, settings)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _schedule(settings.warmup_steps, settings.steps))
-    if latest is not None:
-        state = torch.load(latest / TRAINER_STATE_FILE, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step = int(state["step"])
-        loss_log = [float(x) for x in state["loss_log"]]
-        earlier_seconds = float(state["seconds"])
-        _set_rng_state(state["rng"])
+    from suite.tasks import resolve_data_dir
 
-    def save_checkpoint(step: int) -> None:
-        def fill(folder: Path) -> None:
-            model.save_pretrained(str(folder))
-            copy_tokenizer_files(tokenizer_dir, folder)
-            torch.save({"step": step, "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-                        "loss_log": torch.tensor(loss_log, dtype=torch.float64),
-                        "seconds": earlier_seconds + time.perf_counter() - began},
-                       folder / TRAINER_STATE_FILE)
-        _write_folder(ckpt_root / f"step-{step:07d}", fill)
-        old = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
-        for stale in old[:-keep_checkpoints] if keep_checkpoints > 0 else []:
-            shutil.rmtree(stale, ignore_errors=True)
+    # Absolute paths: Ray Train workers do not run in this directory.
+    data_folder = resolve_data_dir(data_dir)
+    job = TrainJob(settings=settings, tokenizer_dir=str(Path(tokenizer_dir).resolve()),
+                   init_folder=str(init.folder) if init else None,
+                   data_dir=None if data_folder is None else str(data_folder.resolve()),
+                   eval_split=eval_split,
+                   eval_every=eval_every, checkpoint_every=checkpoint_every,
+                   keep_checkpoints=keep_checkpoints, log_every=log_every, device=launch.device,
+                   gradient_checkpointing=gradient_checkpointing,
+                   threads=threads or (launch.cpus_per_worker if launch.workers else None),
+                   on_step=on_step)
+    if launch.workers is None:
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-    plan = BatchPlan([len(s) for s in data.sources], settings.batch_size, settings.seed)
-    began = time.perf_counter()
-    model.train()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+            bar = tqdm(total=settings.steps, desc=f"train {settings.objective}", unit="step",
+                       mininterval=1.0, dynamic_ncols=True)
 
-        bar = tqdm(total=settings.steps, initial=start_step, desc=f"train {settings.objective}",
-                   unit="step", mininterval=1.0, dynamic_ncols=True)
-    try:
-        for step in range(start_step + 1, settings.steps + 1):
-            batch = collate(data, plan.batch(step))
-            result = objective_loss(model, batch, objective)
-            result.total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss = float(result.total.detach())
-            if not math.isfinite(loss):
-                raise ExitbenchError(f"the training loss became {loss} at step {step}; lower "
-                                     f"--lr (now {settings.learning_rate}) and rerun into a "
-                                     f"new --out")
-            loss_log.append(loss)
+        def on_log(step: int, mean_loss: float, parts: dict[str, float]) -> None:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(loss_log[-log_every:]):.3f}",
-                                last=f"{result.parts['ce_last']:.3f}", refresh=False)
-            if step % checkpoint_every == 0 and step < settings.steps:
-                save_checkpoint(step)
-            if on_step is not None:
-                on_step(step, loss)
-    finally:
-        if bar is not None:
-            bar.close()
-    seconds = time.perf_counter() - began
+                bar.n = step
+                bar.set_postfix(loss=f"{mean_loss:.3f}", last=f"{parts.get('ce_last', 0):.3f}",
+                                refresh=False)
+                bar.update(0)
+
+        try:
+            outcome = run_training(job, WorkerContext(device=launch.device),
+                                   LocalCheckpoints(ckpt_root, keep_checkpoints), on_log=on_log)
+        finally:
+            if bar is not None:
+                bar.close()
+    else:
+        from suite.ray_train import train_on_ray
+
+        outcome = train_on_ray(job, launch, ckpt_root, progress=progress)
+    model = outcome.model.to("cpu")
+    family = family_for(model.config.model_type)
+    num_layers = family.num_layers(model)
+    loss_log = outcome.loss_log
 
     curve = [(min(i + log_every, len(loss_log)), float(np.mean(loss_log[i:i + log_every])))
              for i in range(0, len(loss_log), log_every)]
@@ -711,18 +819,33 @@ def train(settings: TrainSettings, tokenizer_dir: str | Path, out: str | Path, *
     if eval_split is not None:
         eval_data, eval_described, _, _ = _load_examples(settings, eval_split, data_dir, tokenizer)
         eval_ce = evaluate_layer_losses(model, eval_data)
-        eval_info = {"split": eval_split, "examples": eval_described, "layer_ce": eval_ce}
+        eval_info = {"split": eval_split, "examples": eval_described, "layer_ce": eval_ce,
+                     "curve": outcome.eval_curve}
     data_text = describe_data(described)
+    if init is None:
+        preset = get_preset(settings.preset)
+        kind = "T5" if preset.family == "t5" else "Llama-style decoder-only model"
+        label = (f"{settings.preset} {kind} ({objective.name} objective) trained by exitbench "
+                 f"on the {data_text} for {settings.steps} steps; not a published checkpoint")
+        architecture = dataclasses.asdict(preset) | {"vocab_size": len(tokenizer)}
+        if preset.family == "t5":  # T5 folders' metadata as before
+            del architecture["family"]
+    else:
+        label = (f"{init.source} fine-tuned by exitbench with the {objective.name} objective "
+                 f"on the {data_text} for {settings.steps} steps")
+        architecture = family.architecture(model)
     metadata = {
         "format_version": MODEL_FORMAT_VERSION,
-        "label": f"{preset.name} T5 ({objective.name} objective) trained by exitbench on the "
-                 f"{data_text} for {settings.steps} steps; not a published checkpoint",
+        "label": label,
         "objective": objective.name,
-        "preset": preset.name,
-        "architecture": dataclasses.asdict(preset) | {"vocab_size": len(tokenizer)},
+        "preset": settings.preset,
+        "architecture": architecture,
+        "init": init.provenance() if init else None,
         "shallow_layer": objective.shallow_layer,
         "kd_weight": objective.kd_weight if objective.name == "free" else None,
-        "layer_weights": calm_layer_weights(preset.num_layers).tolist()
+        **({"layerskip": layerskip_record(objective, num_layers)}
+           if objective.name == "layerskip" else {}),
+        "layer_weights": calm_layer_weights(num_layers).tolist()
         if objective.name == "calm" else None,
         "tasks": described,
         "max_source_tokens": max_src,
@@ -733,10 +856,17 @@ def train(settings: TrainSettings, tokenizer_dir: str | Path, out: str | Path, *
         "initial_loss": curve[0][1] if curve else float("nan"),
         "loss_curve": curve,
         "eval": eval_info,
-        "tokenizer": {"source": str(tokenizer_dir), "spiece_sha256": identity["tokenizer_spiece_sha256"]},
-        "train_seconds": earlier_seconds + seconds,
-        "train_seconds_last_run": seconds,
-        "resumed_from_step": start_step or None,
+        "tokenizer": {"source": str(settings.init or tokenizer_dir),
+                      "spiece_sha256": tokenizer_hash},
+        "training": {"launcher": "ray_train" if launch.workers else "process",
+                     "workers": launch.workers or 1, "device": launch.device,
+                     "precision": settings.precision,
+                     "grad_accum_steps": settings.grad_accum_steps,
+                     "gradient_checkpointing": gradient_checkpointing,
+                     "optimizer": settings.optimizer, "lr_schedule": settings.lr_schedule},
+        "train_seconds": outcome.seconds,
+        "train_seconds_last_run": outcome.seconds_this_run,
+        "resumed_from_step": outcome.start_step or None,
         "settings": identity,
         "versions": {"exitbench": __version__, "torch": torch.__version__,
                      "transformers": _transformers_version()},
@@ -744,29 +874,26 @@ def train(settings: TrainSettings, tokenizer_dir: str | Path, out: str | Path, *
 
     def fill_final(folder: Path) -> None:
         model.save_pretrained(str(folder))
-        copy_tokenizer_files(tokenizer_dir, folder)
+        copy_tokenizer(Path(tokenizer_dir), folder)
         atomic_write_json(folder / MODEL_METADATA_FILE, metadata)
 
     _write_folder(out, fill_final)
     shutil.rmtree(ckpt_root, ignore_errors=True)
     return TrainResult(folder=str(out), steps=settings.steps, final_loss=metadata["final_loss"],
-                       loss_curve=tuple(curve), seconds=seconds,
-                       resumed_from=start_step or None,
+                       loss_curve=tuple(curve), seconds=outcome.seconds_this_run,
+                       resumed_from=outcome.start_step or None,
                        eval_layer_ce=tuple(eval_ce) if eval_ce is not None else None,
                        metadata=metadata)
 
 
-def _optimizer(model, settings: TrainSettings) -> torch.optim.Optimizer:
-    import torch
-
-    # No weight decay on norms (T5's RMSNorm scales), as is usual for Transformers.
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (no_decay if "layer_norm" in name else decay).append(param)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=settings.learning_rate)
-
+def _config_depth(folder: Path) -> int:
+    """Decoder layers of the checkpoint in ``folder`` (from its config.json)."""
+    config = json.loads((Path(folder) / "config.json").read_text("utf-8"))
+    depth = config.get("num_decoder_layers") or config.get("num_layers") \
+        or config.get("num_hidden_layers")
+    if not depth:
+        raise ExitbenchError(f"{folder}/config.json names no layer count")
+    return int(depth)
 
 def _transformers_version() -> str:
     import transformers

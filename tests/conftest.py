@@ -54,3 +54,15 @@ def random_backbone(tmp_path_factory, samples_dir) -> Path:
     copy_tokenizer_files(root / "tokenizer", root / "model")
     return root / "model"
 
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module of tiny models: a second OpenMP thread only adds
+    synchronisation on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
