@@ -281,3 +281,44 @@ def test_logit_soft_capping_and_scaling_from_the_config_are_applied():
         scaled = causal_exit_logits(model, hidden)
     torch.testing.assert_close(capped, torch.tanh(plain / 0.5) * 0.5)
     torch.testing.assert_close(scaled, plain * 2.0)
+
+
+def _step_logits(adapter, state, tokens):
+    with torch.inference_mode():
+        hidden = adapter.begin_step(state, tokens)
+        for layer in range(adapter.num_layers):
+            hidden = adapter.run_layer(state, layer, hidden)
+        return adapter.exit_logits(adapter.num_layers - 1, hidden[:, -1])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_rollback_drops_each_rows_rejected_positions(model_type):
+    """After feeding 5 tokens and rolling back 2, 0 and 4 of them per row, the next step's
+    logits equal those of each row decoded alone over the tokens it kept."""
+    adapter = DecoderOnlyAdapter(_model(model_type))
+    prompts = _prompts()[:3]
+    fed = torch.randint(3, 256, (3, 5), generator=torch.Generator().manual_seed(3))
+    rejected = torch.tensor([2, 0, 4])
+    nxt = torch.tensor([[7], [8], [9]])
+    with torch.inference_mode():
+        state = adapter.start(*pad_batch(prompts, 0))
+        _step_logits(adapter, state, torch.cat([state.first_input_ids, fed[:, :-1]], 1))
+        adapter.rollback(state, rejected)
+        batched = _step_logits(adapter, state, torch.cat(
+            [fed[torch.arange(3), 4 - rejected, None]], 1))
+        second = _step_logits(adapter, state, nxt)
+    for row, prompt in enumerate(prompts):
+        keep = 5 - int(rejected[row])
+        with torch.inference_mode():
+            alone = adapter.start(*pad_batch([prompt], 0))
+            tokens = torch.cat([alone.first_input_ids, fed[row:row + 1, :keep - 1]], 1)
+            _step_logits(adapter, alone, tokens)
+            expected = _step_logits(adapter, alone, fed[row:row + 1, keep - 1:keep])
+            expected_second = _step_logits(adapter, alone, nxt[row:row + 1])
+        torch.testing.assert_close(batched[row:row + 1], expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(second[row:row + 1], expected_second, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ExitbenchError, match="sliding-window"):
+        mistral = DecoderOnlyAdapter(_model("mistral"))
+        state = mistral.start(*pad_batch(prompts, 0))
+        _step_logits(mistral, state, state.first_input_ids)
+        mistral.rollback(state, torch.tensor([1, 1, 1]))

@@ -28,8 +28,11 @@ How the protocol maps onto a causal LM:
   attention would compute from the exited state: input norm, K/V projections, the
   attention's own key norm where it has one (Qwen3), rotary embedding of the token's
   position.
-- ``begin_catch_up`` (FREE) sets masks and rotary embeddings for a multi-position pass
-  through the deep layers, whose caches lack the last ``num_queries`` positions.
+- ``begin_catch_up`` (FREE; self-speculation's verification) sets masks and rotary
+  embeddings for a multi-position pass through the deep layers, whose caches lack the last
+  ``num_queries`` positions.
+- ``rollback`` (self-speculation) drops rejected draft positions per row, keeping rows
+  right-aligned and masking the freed slots like left padding.
 
 Hidden states passed in and out are the un-normed residual stream; HF's
 ``hidden_states[-1]`` is the final-normed one, the others are the layers' raw outputs.
@@ -271,6 +274,44 @@ class DecoderOnlyAdapter:
         positions = state.next_position[:, None] - num_queries + torch.arange(
             num_queries, device=self.device)
         self._set_step(state, probe, positions, layer_idx=first_layer)
+
+    def rollback(self, state: CausalDecodeState, num_rejected: torch.Tensor) -> None:
+        """Drop the last ``num_rejected[b]`` positions of row ``b`` from every layer's cache
+        (self-speculation's rejected drafts). Rows that drop different counts stay
+        right-aligned: the slots freed at the front of a row are masked in the 2-D padding
+        mask, as its left padding is, and each row's next position id moves back by its
+        own count, so rotary positions stay those of the kept tokens."""
+        layers = state.cache.layers
+        if any(getattr(layer, "is_sliding", False) for layer in layers):
+            raise ExitbenchError(f"model {self.model_id}: its sliding-window cache has "
+                                 f"already dropped old positions; a rollback cannot restore "
+                                 f"them (self-speculation needs full-attention layers)")
+        lengths = {layer.get_seq_length() for layer in layers}
+        if len(lengths) != 1:
+            raise ValueError(f"rollback needs every layer's cache at one length, found "
+                             f"{sorted(lengths)}")
+        length = lengths.pop()
+        rejected = torch.as_tensor(num_rejected, dtype=torch.long, device=self.device)
+        if rejected.numel() and (int(rejected.min()) < 0 or int(rejected.max()) > length):
+            raise ValueError(f"rejected counts {rejected.tolist()} are outside 0..{length}")
+        kept = length - (int(rejected.min()) if rejected.numel() else 0)
+        shift = rejected - (length - kept)  # how far right each row's kept slots move
+        source = torch.arange(kept, device=self.device)[None, :] - shift[:, None]
+        holds = source >= 0
+        source = source.clamp(min=0)
+        state.attention_mask = state.attention_mask.gather(1, source) * holds
+        for layer in layers:
+            batch, heads, _, width = layer.keys.shape
+            index = source[:, None, :, None].expand(batch, heads, kept, width)
+            layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+        state.next_position = state.next_position - rejected
+        # slots free in every row are attended by none: drop them
+        free_front = int((state.attention_mask.cumsum(1) == 0).all(0).sum())
+        if free_front:
+            state.attention_mask = state.attention_mask[:, free_front:]
+            for layer in layers:
+                layer.keys = layer.keys[..., free_front:, :]
+                layer.values = layer.values[..., free_front:, :]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings (what layer 0 reads)."""
