@@ -209,3 +209,20 @@ def test_a_run_mixing_both_families_replays_decodes_online_and_ranks_them(
     text = " ".join(p.read_text() for p in site)
     assert "llama-random" in text and "t5-random" in text
     assert np.isfinite([r.tokens_per_s for r in rows if r.model == "llama-random"]).all()
+
+
+def test_bundled_decoder_only_configs_load():
+    from suite.config import load_config
+    from suite.training import get_preset
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    mixed = load_config(root / "mixed_families.yaml")
+    presets = {m.name: m.train.preset for m in mixed.models}
+    assert get_preset(presets["tiny-llama-layerskip"]).family == "llama"
+    assert get_preset(presets["tiny-calm"]).family == "t5"
+    for name, hub_id in (("layerskip_llama3_2_1b", "facebook/layerskip-llama3.2-1B"),
+                         ("qwen2_5_1_5b", "Qwen/Qwen2.5-1.5B")):
+        config = load_config(root / f"{name}.yaml")
+        assert [m.path for m in config.models] == [hub_id]
+        assert {t.name for t in config.tasks} == {"cnn_dailymail", "squad"}
+        assert config.output_dir.endswith(f"runs/{name}")
