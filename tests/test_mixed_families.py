@@ -220,6 +220,9 @@ def test_bundled_decoder_only_configs_load():
     presets = {m.name: m.train.preset for m in mixed.models}
     assert get_preset(presets["tiny-llama-layerskip"]).family == "llama"
     assert get_preset(presets["tiny-calm"]).family == "t5"
+    fidelity = load_config(root / "fidelity_mixed.yaml")  # the same two backbones online
+    assert [m.path for m in fidelity.models] == [m.path for m in mixed.models]
+    assert fidelity.online.batch_sizes == [1, 8]
     for name, hub_id in (("layerskip_llama3_2_1b", "facebook/layerskip-llama3.2-1B"),
                          ("qwen2_5_1_5b", "Qwen/Qwen2.5-1.5B")):
         config = load_config(root / f"{name}.yaml")
