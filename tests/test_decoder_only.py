@@ -129,6 +129,8 @@ def test_exit_logits_equal_hf_logits_and_the_head_on_hf_hidden_states(arch):
         torch.testing.assert_close(adapter.exit_logits(adapter.num_layers - 1, ours[-1]),
                                    out.logits[:, -width:], rtol=1e-4, atol=1e-4)
         middle = 1
+        torch.testing.assert_close(model.lm_head(adapter.exit_norm(middle, ours[middle + 1])),
+                                   adapter.exit_logits(middle, ours[middle + 1]))
         torch.testing.assert_close(adapter.exit_logits(middle, ours[middle + 1]),
                                    model.lm_head(model.model.norm(hf_states[middle + 1])),
                                    rtol=1e-4, atol=1e-4)

@@ -247,6 +247,11 @@ class DecoderOnlyAdapter:
         # one shared head after every layer (LayerSkip's checkpoints too)
         return causal_exit_logits(self.model, hidden)
 
+    def exit_norm(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The normed state the exit head reads (the final norm, before the LM head): what
+        trace format 3's normed cosines compare (issue 13's protocol addition)."""
+        return self.model.model.norm(hidden)
+
     def fill_layer(self, state: CausalDecodeState, layer: int, hidden: torch.Tensor) -> None:
         block = self.layers[layer]
         attention = block.self_attn
