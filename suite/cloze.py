@@ -152,3 +152,50 @@ def passages_of(texts: Iterable[str], sentences_per_passage: int = 8) -> list[st
         found.extend(" ".join(parts[i:i + sentences_per_passage])
                      for i in range(0, len(parts), sentences_per_passage))
     return found
+
+
+RECONSTRUCT_QUESTION = "What does the context say, word for word?"
+"""The question of reconstruction records (a copying task in the QA format)."""
+
+
+def reconstruction_record(passage: str, rng: random.Random, max_words: int = 36,
+                          deletion: float = 0.06) -> dict[str, Any] | None:
+    """A copying exercise in SQuAD's layout: the context is one or two sentences of
+    ``passage`` (at most ``max_words`` words) with a share ``deletion`` of the words
+    deleted; the answer is the sentences as they were. Copying is the skill extractive QA
+    builds on, and every target token of these records trains it."""
+    parts = sentences(passage)
+    if not parts:
+        return None
+    k = rng.randrange(len(parts))
+    words = " ".join(parts[k:k + rng.randint(1, 2)]).split()[:max_words]
+    if len(words) < 6:
+        return None
+    noisy = [w for w in words if rng.random() >= deletion]
+    return {"context": " ".join(noisy), "question": RECONSTRUCT_QUESTION,
+            "answers": {"text": [" ".join(words)], "answer_start": [0]}}
+
+
+def windowed_record(record: dict[str, Any], rng: random.Random,
+                    max_sentences: int = 5) -> dict[str, Any]:
+    """A SQuAD record whose context is cut to 1..``max_sentences`` sentences around its
+    first answer (the whole context when the answer spans a sentence boundary): the same
+    question, a shorter (cheaper) input."""
+    context = record["context"]
+    answer = record["answers"]["text"][0]
+    start = record["answers"]["answer_start"][0]
+    parts = sentences(context)
+    offsets, position = [], 0
+    for part in parts:
+        position = context.find(part, position)
+        offsets.append(position)
+        position += len(part)
+    k = max((i for i, o in enumerate(offsets) if o <= start), default=0)
+    size = rng.randint(1, max_sentences)
+    begin = max(0, min(k - rng.randint(0, size - 1), len(parts) - size))
+    window = " ".join(parts[begin:begin + size])
+    found = window.find(answer)
+    if found < 0:
+        return dict(record)
+    return {**record, "context": window,
+            "answers": {"text": [answer], "answer_start": [found]}}

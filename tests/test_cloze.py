@@ -7,7 +7,15 @@ import random
 import pytest
 
 from suite.baselines import best_constant_answer, lead_sentences
-from suite.cloze import ClozeSettings, cloze_question, cloze_records, passages_of
+from suite.cloze import (
+    RECONSTRUCT_QUESTION,
+    ClozeSettings,
+    cloze_question,
+    cloze_records,
+    passages_of,
+    reconstruction_record,
+    windowed_record,
+)
 from suite.metrics import squad_metric
 from suite.tasks import format_example, get_task, load_records
 
@@ -60,3 +68,25 @@ def test_best_constant_answer_is_the_best_single_string_under_the_official_metri
 
 def test_lead_three_takes_the_first_three_sentences():
     assert lead_sentences("One. Two! Three? Four.") == "One.\nTwo!\nThree?"
+
+
+def test_windowed_records_keep_the_question_and_an_answer_span(samples_dir):
+    records, _ = load_records(get_task("squad"), "validation[200:230]", samples_dir)
+    rng = random.Random(0)
+    shorter = 0
+    for record in records:
+        window = windowed_record(dict(record), rng)
+        answer, start = window["answers"]["text"][0], window["answers"]["answer_start"][0]
+        assert window["question"] == record["question"]
+        assert window["context"][start:start + len(answer)] == answer
+        assert window["context"] in record["context"]
+        shorter += len(window["context"]) < len(record["context"])
+    assert shorter > len(records) // 2
+
+
+def test_reconstruction_records_ask_for_the_passage_itself():
+    record = reconstruction_record(PASSAGE, random.Random(1), deletion=0.5)
+    target = record["answers"]["text"][0]
+    assert record["question"] == RECONSTRUCT_QUESTION
+    assert target in PASSAGE and len(record["context"].split()) < len(target.split())
+    assert set(record["context"].split()) <= set(target.split())
