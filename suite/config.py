@@ -174,7 +174,7 @@ class TrainConfig(_Strict):
     """Train the backbone here when its folder does not hold a finished model: fresh from
     a preset with the config's ``tokenizer``, or fine-tuned from ``init``."""
 
-    objective: Literal["vanilla", "calm", "free"] = "calm"
+    objective: Literal["vanilla", "calm", "free", "layerskip"] = "calm"
     init: str | None = None
     """Pretrained checkpoint to fine-tune (hub id or folder; its own tokenizer is used)."""
     preset: str | None = None
@@ -204,6 +204,12 @@ class TrainConfig(_Strict):
     layer_map: Literal["dyna", "uniform", "last"] = "dyna"
     """FREE: the distillation layer map (FREE's default ``dyna``)."""
     kd_weight: float = Field(default=0.5, ge=0)
+    layer_dropout: float | None = Field(default=None, ge=0, lt=1)
+    """LayerSkip: the last layer's dropout rate (default 0.2, LayerSkip's)."""
+    early_exit_scale: float | None = Field(default=None, gt=0)
+    """LayerSkip: scale of the early exits' losses (default 1.0)."""
+    curriculum: Literal["gradual", "none"] | None = None
+    """LayerSkip: which exits' losses count when (default gradual)."""
     seed: int = 0
     workers: int | None = Field(default=None, ge=1)
     """Ray Train workers (PyTorch DDP, one GPU each when ``device`` is CUDA) on the config's
@@ -229,6 +235,9 @@ class ModelConfig(_Strict):
     train: TrainConfig | None = None
     """When set and ``path`` holds no finished model, the suite trains it there first
     (with the suite config's ``tokenizer``)."""
+    chat_template: bool = False
+    """Decoder-only models: wrap each task's prompt as the user turn of the tokenizer's chat
+    template (``suite/prompts.py``); plain prompts otherwise."""
 
 
 class RayConfig(_Strict):

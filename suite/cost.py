@@ -127,10 +127,17 @@ class SimulatedCosts:
     FLOPs count matmuls and attention (2 per multiply-add); element-wise work is left out.
     Bytes count weights (read once per batch), the K/V caches, and each matmul's inputs and
     outputs. ``gated_ffn`` (t5-v1_1, flan-t5: ``wi_0``, ``wi_1``, ``wo``) adds the third FFN
-    matrix; ``num_encoder_layers`` defaults to the decoder's depth (T5 is symmetric)."""
+    matrix; ``num_encoder_layers`` defaults to the decoder's depth (T5 is symmetric).
+    ``decoder_only`` (Llama-style causal LMs) drops cross-attention: a step's layer runs
+    self q,k,v,o and the FFN, attending over prompt and output alike (``source_len`` is the
+    prompt), and the prefill is the decoder's own layers over the prompt (pass
+    ``num_encoder_layers`` = the depth), without cross K/V. Grouped-query attention is
+    priced as full multi-head K/V (an upper bound on the K/V bytes)."""
 
     def __init__(self, profile: SimulatedProfile, dims: ModelDims, dtype: str,
-                 gated_ffn: bool = False, num_encoder_layers: int | None = None):
+                 gated_ffn: bool = False, num_encoder_layers: int | None = None,
+                 decoder_only: bool = False):
+        self.decoder_only = bool(decoder_only)
         self.profile = profile
         self.name = profile.name
         self.dims = dims
@@ -169,8 +176,10 @@ class SimulatedCosts:
         source = np.asarray(source_len, np.float64)
         tokens = batch * np.asarray(query_len, np.float64)  # query tokens through the weights
         # self q,k,v,o + cross q,o (cross K/V were computed at prefill) + FFN
-        weight_params = 6 * d * inner + n_ffn * d * f + 3 * d  # + three RMS-norm scales
-        matmul_flops_per_token = 2.0 * (6 * d * inner + n_ffn * d * f)
+        projections = 4 if self.decoder_only else 6
+        norms = 2 if self.decoder_only else 3
+        weight_params = projections * d * inner + n_ffn * d * f + norms * d  # + RMS-norm scales
+        matmul_flops_per_token = 2.0 * (projections * d * inner + n_ffn * d * f)
         attention_flops_per_token = 4.0 * inner * (context + source)  # QK^T and AV, self + cross
         flops = tokens * (matmul_flops_per_token + attention_flops_per_token)
         # each matmul reads its input row and writes its output row once
@@ -219,13 +228,15 @@ class SimulatedCosts:
         layer_values = (4 * d * inner + n_ffn * d * f + 2 * d) \
             + tokens * (5 * d + 4 * inner + (n_ffn - 1) * (d + f) + f + d) \
             + batch * heads * source * source * 4
-        cross_flops = tokens * decoder_layers * 4.0 * d * inner
-        cross_values = decoder_layers * 2 * d * inner + tokens * (d + decoder_layers * 2 * inner)
+        cross = 0.0 if self.decoder_only else 1.0  # a causal LM has no cross-attention K/V
+        cross_flops = cross * tokens * decoder_layers * 4.0 * d * inner
+        cross_values = cross * (decoder_layers * 2 * d * inner
+                                + tokens * (d + decoder_layers * 2 * inner))
         flops = self.num_encoder_layers * layer_flops + cross_flops
         values = self.num_encoder_layers * layer_values + cross_values
         kernels = self.num_encoder_layers * (ENCODER_LAYER_KERNELS + (
             GATED_FFN_EXTRA_KERNELS if self.gated_ffn else 0)) \
-            + decoder_layers * CROSS_KV_KERNELS_PER_DECODER_LAYER + 1 + RMS_NORM_KERNELS
+            + cross * decoder_layers * CROSS_KV_KERNELS_PER_DECODER_LAYER + 1 + RMS_NORM_KERNELS
         return self._roofline(flops, values * self.bytes_per_value, kernels)
 
     # -- OperationCosts ----------------------------------------------------------------------
@@ -465,10 +476,12 @@ class MeasuredCosts:
 
 def operation_costs(profile: HardwareProfile, dims: ModelDims, dtype: str,
                     gated_ffn: bool = False,
-                    num_encoder_layers: int | None = None) -> OperationCosts:
+                    num_encoder_layers: int | None = None,
+                    decoder_only: bool = False) -> OperationCosts:
     """The operation costs of ``profile`` for a model of ``dims`` computing in ``dtype``."""
     if isinstance(profile, SimulatedProfile):
-        return SimulatedCosts(profile, dims, dtype, gated_ffn, num_encoder_layers)
+        return SimulatedCosts(profile, dims, dtype, gated_ffn, num_encoder_layers,
+                              decoder_only)
     return MeasuredCosts(profile, dims, dtype)
 
 

@@ -141,15 +141,27 @@ def _run_all_layers(adapter: DecoderAdapter, state, input_ids: torch.Tensor) -> 
     return torch.stack(outputs)
 
 
+def stop_tensor(adapter: DecoderAdapter, stop_token_ids: Sequence[int] | None,
+                device: torch.device) -> torch.Tensor:
+    """The ids that end a row: ``stop_token_ids`` when given, else the adapter's own
+    (``stop_token_ids`` of a decoder-only adapter: every EOS it names), else its EOS."""
+    if stop_token_ids is None:
+        stop_token_ids = getattr(adapter, "stop_token_ids", None) or (adapter.eos_token_id,)
+    return torch.as_tensor(list(stop_token_ids), dtype=torch.long, device=device)
+
+
 @torch.inference_mode()
 def greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor, max_new_tokens: int,
-                  step_clock: list[float] | None = None) -> DecodeOutput:
+                  step_clock: list[float] | None = None,
+                  stop_token_ids: Sequence[int] | None = None) -> DecodeOutput:
     """Greedy decoding through the layer loop, LM head at the last layer only.
-    ``step_clock`` receives ``time.perf_counter()`` when each step's tokens are known."""
+    ``step_clock`` receives ``time.perf_counter()`` when each step's tokens are known; a row
+    ends at any of ``stop_token_ids`` (default: :func:`stop_tensor`'s)."""
     check_max_new_tokens(max_new_tokens)
     state = adapter.start(input_ids, attention_mask)
     next_ids = state.first_input_ids
+    stops = stop_tensor(adapter, stop_token_ids, next_ids.device)
     alive = torch.ones(next_ids.shape[0], dtype=torch.bool, device=next_ids.device)
     steps, lengths = [], torch.zeros_like(alive, dtype=torch.long)
     last = adapter.num_layers - 1
@@ -161,7 +173,7 @@ def greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
         token = torch.where(alive, token, adapter.pad_token_id)
         steps.append(token)
         lengths += alive
-        alive &= token != adapter.eos_token_id
+        alive &= ~torch.isin(token, stops)
         next_ids = token[:, None]
         any_alive = bool(alive.any())  # waits for the step's tokens
         if step_clock is not None:
@@ -201,13 +213,15 @@ def check_example_ids(example_ids: Sequence[str], batch_size: int) -> np.ndarray
 @torch.inference_mode()
 def traced_greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
                          attention_mask: torch.Tensor, example_ids: Sequence[str],
-                         max_new_tokens: int) -> TraceArrays:
+                         max_new_tokens: int,
+                         stop_token_ids: Sequence[int] | None = None) -> TraceArrays:
     """Greedy decoding that observes every layer of every step (see the module docstring).
-    Rows come out in (example, position) order."""
+    Rows come out in (example, position) order; a row ends at a stop id (:func:`stop_tensor`)."""
     ids = check_example_ids(example_ids, input_ids.shape[0])
     check_max_new_tokens(max_new_tokens)
     state = adapter.start(input_ids, attention_mask)
     next_ids = state.first_input_ids
+    stops = stop_tensor(adapter, stop_token_ids, next_ids.device)
     batch = next_ids.shape[0]
     alive = torch.ones(batch, dtype=torch.bool, device=next_ids.device)
     step_stats: list[LayerStats] = []
@@ -218,7 +232,7 @@ def traced_greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
         token = stats.top1_id[:, -1]
         step_stats.append(stats)
         step_alive.append(alive.clone())
-        alive &= token != adapter.eos_token_id
+        alive &= ~torch.isin(token, stops)
         next_ids = torch.where(alive, token, adapter.pad_token_id)[:, None]
         if not bool(alive.any()):
             break

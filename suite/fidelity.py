@@ -143,11 +143,14 @@ def per_example(traces: TraceArrays, values: np.ndarray) -> list[np.ndarray]:
     return [values[s:e] for s, e in zip(starts, ends)]
 
 
-def cut_at_eos(sequences: Sequence[np.ndarray], eos_token_id: int) -> list[np.ndarray]:
-    """Each sequence up to (not including) its first EOS, as replay cuts its outputs."""
+def cut_at_eos(sequences: Sequence[np.ndarray], eos_token_id: int | Sequence[int]
+               ) -> list[np.ndarray]:
+    """Each sequence up to (not including) its first EOS (or stop id), as replay cuts its
+    outputs."""
+    stops = np.atleast_1d(np.asarray(eos_token_id))
     out = []
     for ids in sequences:
-        hits = np.flatnonzero(np.asarray(ids) == eos_token_id)
+        hits = np.flatnonzero(np.isin(np.asarray(ids), stops))
         out.append(np.asarray(ids)[:hits[0]] if hits.size else np.asarray(ids))
     return out
 
@@ -223,6 +226,8 @@ class OnlineContext:
     detokenize: Detokenizer
     scores: ScoreCache
     """Metric results by output hash: thresholds that decode alike are scored once."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Where outputs end (EOS; decoder-only: the task's stop strings too)."""
 
     @property
     def example_ids(self) -> list[str]:
@@ -246,7 +251,8 @@ def open_context(config: SuiteConfig, task_config: TaskConfig, model_config: Mod
                  ) -> OnlineContext:
     from suite.models import load_adapter, load_tokenizer, resolve_model_folder, weights_sha256
     from suite.profiles import get_profile
-    from suite.record import encode_texts
+    from suite.prompts import encode_sources
+    from suite.record import adapter_format
     from suite.runner import trace_dir
     from suite.tasks import load_examples, task_spec
     from suite.traces import TraceStore, sha256_file
@@ -257,8 +263,8 @@ def open_context(config: SuiteConfig, task_config: TaskConfig, model_config: Mod
         raise ExitbenchError(f"task {task.name}: split {task_config.split!r} has no examples")
     adapter = load_adapter(model_config.path, device=config.device, dtype=config.dtype)
     tokenizer = load_tokenizer(model_config.path)
-    sources = encode_texts(tokenizer, [e.source for e in examples],
-                           task.limits.max_source_tokens, adapter.eos_token_id)
+    fmt = adapter_format(adapter, tokenizer, task, model_config.chat_template)
+    sources = encode_sources(tokenizer, examples, fmt, task.limits.max_source_tokens)
     model_hash = weights_sha256(resolve_model_folder(model_config.path))
     store = TraceStore(trace_dir(config.output_dir, task.name, model_config.name))
     traces, traces_hash = None, ""
@@ -279,7 +285,7 @@ def open_context(config: SuiteConfig, task_config: TaskConfig, model_config: Mod
                          sources=sources, references=[e.references for e in examples],
                          traces=traces, traces_hash=traces_hash, model_hash=model_hash,
                          profile=profile, detokenize=Detokenizer(tokenizer),
-                         scores=ScoreCache())
+                         scores=ScoreCache(), stop_token_ids=fmt.stop_token_ids)
 
 
 @dataclass(frozen=True)
@@ -299,7 +305,8 @@ def timed_pairs(ctx: OnlineContext, batch_size: int, policy: ExitPolicy,
                 repeats: int) -> PairedTiming:
     """``repeats`` paired runs (:func:`suite.online.decode_paired`); outputs from the first."""
     pairs = [decode_paired(ctx.adapter, ctx.sources, ctx.example_ids, batch_size,
-                           ctx.task.limits.max_new_tokens, policy) for _ in range(repeats)]
+                           ctx.task.limits.max_new_tokens, policy, ctx.stop_token_ids)
+             for _ in range(repeats)]
     full_tps = [f.tokens_per_s for f, _ in pairs]
     online_tps = [o.tokens_per_s for _, o in pairs]
     return PairedTiming(full=pairs[0][0], online=pairs[0][1],
@@ -311,7 +318,7 @@ def timed_pairs(ctx: OnlineContext, batch_size: int, policy: ExitPolicy,
 def warm_up(ctx: OnlineContext, batch_size: int) -> None:
     """One untimed full-depth decode of the first batch (allocator, kernels, caches)."""
     decode_examples(ctx.adapter, ctx.sources[:batch_size], ctx.example_ids[:batch_size],
-                    batch_size, ctx.task.limits.max_new_tokens, None)
+                    batch_size, ctx.task.limits.max_new_tokens, None, ctx.stop_token_ids)
 
 
 def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
@@ -321,7 +328,6 @@ def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
     from suite.cost import (
         example_index_from_ids,
         full_depth_seconds,
-        operation_costs,
         price_replay,
     )
     from suite.replay import replayed_tokens
@@ -346,7 +352,7 @@ def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
 
     policy_at(0.0).check(num_layers)
     thresholds = online_thresholds(config, measure_config, measure, num_layers)
-    eos = adapter.eos_token_id
+    eos = ctx.stop_token_ids
     info = model_info(ctx.model_config.path)
 
     replay_exits = replay_rows = None
@@ -357,8 +363,7 @@ def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
                                         measure).exits
         replay_rows = replayed_tokens(ctx.traces, replay_exits)
         example_index = example_index_from_ids(ctx.traces.example_id)
-    costs = (operation_costs(ctx.profile, info.dims, config.dtype, info.gated_ffn,
-                             info.num_encoder_layers) if ctx.profile is not None else None)
+    costs = info.costs(ctx.profile, config.dtype) if ctx.profile is not None else None
     source_len = np.array([len(s) for s in ctx.sources])
 
     rows, entries = [], []
@@ -474,7 +479,7 @@ def _online_interval(ctx: OnlineContext, sequences: list[np.ndarray]) -> dict[st
     from suite.runner import bootstrap_settings
 
     texts = ctx.detokenize([list(map(int, s)) for s in cut_at_eos(sequences,
-                                                                  ctx.adapter.eos_token_id)])
+                                                                  ctx.stop_token_ids)])
     return quality_interval_fields(ctx.task.metric, ctx.example_ids, texts, ctx.references,
                                    bootstrap_settings(ctx.config))
 

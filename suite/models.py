@@ -462,8 +462,54 @@ def random_t5(seed: int = 0, residual_gain: float = 4.0, **config_overrides: Any
 
 def load_adapter(path: str, *, device: str | torch.device = "cpu",
                  dtype: str | torch.dtype = "float32") -> DecoderAdapter:
-    """The adapter for the checkpoint at ``path`` (a local folder or a hub id)."""
-    return T5Adapter.load(path, device=device, dtype=dtype)
+    """The adapter for the checkpoint at ``path`` (a local folder or a hub id), chosen by
+    the family its ``config.json`` names: :class:`T5Adapter` for T5-family encoder-decoders,
+    :class:`suite.backbones.decoder_only.DecoderOnlyAdapter` for Llama-style causal LMs."""
+    from suite.backbones.decoder_only import DECODER_ONLY_MODEL_TYPES, DecoderOnlyAdapter
+
+    model_type = checkpoint_model_type(path)
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return T5Adapter.load(path, device=device, dtype=dtype)
+    if model_type in DECODER_ONLY_MODEL_TYPES:
+        return DecoderOnlyAdapter.load(path, device=device, dtype=dtype)
+    from suite.backbones.decoder_only import check_decoder_only_config
+
+    check_decoder_only_config(_read_config(path), f"model {path!r}")  # raises, with the reason
+    raise AssertionError("unreachable")
+
+
+def _read_config(path: str):
+    from transformers import AutoConfig
+
+    folder = resolve_model_folder(path)
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ExitbenchError(f"model {path!r}: {folder} has no readable config.json ({exc}); "
+                             f"point the config at a folder written by save_pretrained") from exc
+
+
+def checkpoint_model_type(path: str) -> str:
+    """``config.model_type`` of the checkpoint at ``path``."""
+    return str(getattr(_read_config(path), "model_type", ""))
+
+
+def checkpoint_layers(path: str) -> tuple[int, bool]:
+    """``(decoder layers, decoder-only?)`` of the checkpoint at ``path``, from its config."""
+    config = _read_config(path)
+    if getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES:
+        return int(config.num_decoder_layers), False
+    from suite.backbones.decoder_only import check_decoder_only_config
+
+    check_decoder_only_config(config, f"model {path!r}")
+    return int(config.num_hidden_layers), True
+
+
+def is_decoder_only(path: str) -> bool:
+    """Whether the checkpoint at ``path`` is a causal LM the decoder-only adapter takes."""
+    from suite.backbones.decoder_only import DECODER_ONLY_MODEL_TYPES
+
+    return checkpoint_model_type(path) in DECODER_ONLY_MODEL_TYPES
 
 
 # -- files and provenance ----------------------------------------------------------------------

@@ -53,6 +53,7 @@ from suite.decoding import (
     head_top2,
     pad_batch,
     positions_from_counts,
+    stop_tensor,
 )
 from suite.errors import ExitbenchError
 from suite.measures import Measure
@@ -224,9 +225,11 @@ def _exits(scores: np.ndarray, threshold: float) -> np.ndarray:
 def online_greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
                          attention_mask: torch.Tensor, example_ids: Sequence[str],
                          max_new_tokens: int, policy: ExitPolicy,
-                         step_clock: list[float] | None = None) -> OnlineOutput:
+                         step_clock: list[float] | None = None,
+                         stop_token_ids: Sequence[int] | None = None) -> OnlineOutput:
     """Greedy decoding of one batch that exits each token early by ``policy``.
-    ``step_clock`` receives ``time.perf_counter()`` when each step's tokens are known."""
+    ``step_clock`` receives ``time.perf_counter()`` when each step's tokens are known; a row
+    ends at a stop id (:func:`suite.decoding.stop_tensor`)."""
     ids = check_example_ids(example_ids, input_ids.shape[0])
     check_max_new_tokens(max_new_tokens)
     num_layers = adapter.num_layers
@@ -244,6 +247,7 @@ def online_greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
     next_ids = state.first_input_ids
     batch = next_ids.shape[0]
     device = next_ids.device
+    stops = stop_tensor(adapter, stop_token_ids, device)
     alive = torch.ones(batch, dtype=torch.bool, device=device)
     shallow_states = (torch.empty(batch, max_new_tokens, adapter.dims.d_model,
                                   dtype=adapter.dtype, device=device) if free else None)
@@ -309,7 +313,7 @@ def online_greedy_decode(adapter: DecoderAdapter, input_ids: torch.Tensor,
         step_exits.append(exit_layer)
         step_alive.append(alive.clone())
         step_fields.append(scorer.snapshot())
-        alive = alive & (token != adapter.eos_token_id)
+        alive = alive & ~torch.isin(token, stops)
         next_ids = token[:, None]
         any_alive = bool(alive.any())  # waits for the step's tokens
         if step_clock is not None:
@@ -386,18 +390,19 @@ def _synchronise(device: torch.device) -> None:
 
 
 def _decode_batch(adapter: DecoderAdapter, sources: Sequence[Sequence[int]],
-                  ids: list[str], max_new_tokens: int, policy: ExitPolicy | None
-                  ) -> OnlineRun:
+                  ids: list[str], max_new_tokens: int, policy: ExitPolicy | None,
+                  stop_token_ids: Sequence[int] | None = None) -> OnlineRun:
     """One batch, timed (``policy=None``: full depth)."""
     input_ids, attention_mask = pad_batch(sources, adapter.pad_token_id)
     _synchronise(adapter.device)
     clock: list[float] = []
     started = time.perf_counter()
     if policy is None:
-        decoded = greedy_decode(adapter, input_ids, attention_mask, max_new_tokens, clock)
+        decoded = greedy_decode(adapter, input_ids, attention_mask, max_new_tokens, clock,
+                                stop_token_ids)
     else:
         output = online_greedy_decode(adapter, input_ids, attention_mask, ids, max_new_tokens,
-                                      policy, clock)
+                                      policy, clock, stop_token_ids)
     _synchronise(adapter.device)
     seconds = time.perf_counter() - started
     traces = (_full_depth_traces(decoded, ids, adapter.num_layers) if policy is None
@@ -427,17 +432,19 @@ def _joined(parts: list[OnlineRun]) -> OnlineRun:
 
 def decode_examples(adapter: DecoderAdapter, sources: Sequence[Sequence[int]],
                     example_ids: Sequence[str], batch_size: int, max_new_tokens: int,
-                    policy: ExitPolicy | None) -> OnlineRun:
+                    policy: ExitPolicy | None,
+                    stop_token_ids: Sequence[int] | None = None) -> OnlineRun:
     """Decode every example in order, ``batch_size`` at a time; ``policy=None`` decodes at
     full depth with :func:`suite.decoding.greedy_decode` (the baseline of the speedup)."""
     policy = policy.fresh() if policy is not None else None
-    return _joined([_decode_batch(adapter, batch, ids, max_new_tokens, policy)
+    return _joined([_decode_batch(adapter, batch, ids, max_new_tokens, policy, stop_token_ids)
                     for batch, ids in _batches(sources, example_ids, batch_size)])
 
 
 def decode_paired(adapter: DecoderAdapter, sources: Sequence[Sequence[int]],
                   example_ids: Sequence[str], batch_size: int, max_new_tokens: int,
-                  policy: ExitPolicy) -> tuple[OnlineRun, OnlineRun]:
+                  policy: ExitPolicy, stop_token_ids: Sequence[int] | None = None
+                  ) -> tuple[OnlineRun, OnlineRun]:
     """``(full depth, early exit)`` runs of the same examples, timed batch by batch side by
     side (the two decodes of a batch run back to back, in alternating order), so that a
     shared machine's drift, which moves both alike, cancels in their ratio."""
@@ -446,7 +453,7 @@ def decode_paired(adapter: DecoderAdapter, sources: Sequence[Sequence[int]],
     for index, (batch, ids) in enumerate(_batches(sources, example_ids, batch_size)):
         order = (None, policy) if index % 2 == 0 else (policy, None)
         for which in order:
-            result = _decode_batch(adapter, batch, ids, max_new_tokens, which)
+            result = _decode_batch(adapter, batch, ids, max_new_tokens, which, stop_token_ids)
             (full if which is None else online).append(result)
     return _joined(full), _joined(online)
 

@@ -26,7 +26,8 @@ from suite.uncertainty import BootstrapSettings, ExampleStatsCache, Resampler, q
 class PointStatistics:
     def __init__(self, traces: TraceArrays, example_ids: Sequence[str],
                  references: Sequence[Sequence[str]], task, model: str,
-                 detokenize: Callable[[Sequence[Sequence[int]]], list[str]], eos_token_id: int,
+                 detokenize: Callable[[Sequence[Sequence[int]]], list[str]],
+                 eos_token_id: int | Sequence[int],
                  cache: ScoreCache, settings: BootstrapSettings):
         self.traces = traces
         self.example_ids = list(example_ids)

@@ -39,13 +39,14 @@ from suite.decoding import (
 from suite.errors import ExitbenchError
 from suite.keys import content_key
 from suite.models import (
-    T5Adapter,
+    load_adapter,
     load_tokenizer,
     resolve_model_folder,
     tokenizer_sha256,
     weights_sha256,
 )
-from suite.tasks import Example, get_task, load_examples, task_spec
+from suite.prompts import PromptFormat, encode_sources, encode_targets, prompt_format
+from suite.tasks import Example, TaskSpec, get_task, load_examples, task_spec
 from suite.traces import TraceArrays, TraceManifest, TraceStore, hash_strings, sha256_file
 
 KINDS = ("generated", "forced")
@@ -75,6 +76,8 @@ class ShardRequest:
     dtype: str = "float32"
     seed: int = 0
     batch_size: int = 8
+    chat_template: bool = False
+    """Decoder-only models: prompts through the tokenizer's chat template."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -108,8 +111,17 @@ def encode_texts(tokenizer, texts: Sequence[str], max_tokens: int, eos_id: int) 
 
 @functools.lru_cache(maxsize=2)
 def _cached_model(model_path: str, device: str, dtype: str):
-    """One loaded model per process and setting: shards of a run share it."""
-    return T5Adapter.load(model_path, device=device, dtype=dtype), load_tokenizer(model_path)
+    """One loaded model per process and setting: shards of a run share it (the adapter of
+    the checkpoint's family, :func:`suite.models.load_adapter`)."""
+    return load_adapter(model_path, device=device, dtype=dtype), load_tokenizer(model_path)
+
+
+def adapter_format(adapter, tokenizer, task: TaskSpec, chat_template: bool = False
+                   ) -> PromptFormat:
+    """The prompt format and stop ids of ``task`` for a loaded adapter."""
+    return prompt_format(tokenizer, task, decoder_only=getattr(adapter, "is_decoder_only", False),
+                         eos_token_ids=getattr(adapter, "stop_token_ids", None)
+                         or (adapter.eos_token_id,), chat_template=chat_template)
 
 
 @functools.lru_cache(maxsize=8)
@@ -131,10 +143,10 @@ def record_shard(request: ShardRequest,
                              f"the shard's end {request.end_example}")
     adapter, tokenizer = _cached_model(request.model_path, request.device, request.dtype)
     torch.manual_seed(request.seed)  # greedy decoding is deterministic; this is for hygiene
-    eos = adapter.eos_token_id
-    sources = encode_texts(tokenizer, [e.source for e in examples], request.max_source_tokens, eos)
-    targets = (encode_texts(tokenizer, [e.target for e in examples], request.max_target_tokens,
-                            eos) if request.kind == "forced" else None)
+    fmt = adapter_format(adapter, tokenizer, get_task(request.task), request.chat_template)
+    sources = encode_sources(tokenizer, examples, fmt, request.max_source_tokens)
+    targets = (encode_targets(tokenizer, examples, fmt, request.max_target_tokens)
+               if request.kind == "forced" else None)
     parts = []
     for begin in range(0, len(examples), request.batch_size):
         end = min(begin + request.batch_size, len(examples))
@@ -142,7 +154,7 @@ def record_shard(request: ShardRequest,
         ids = [e.id for e in examples[begin:end]]
         if targets is None:
             parts.append(traced_greedy_decode(adapter, input_ids, attention_mask, ids,
-                                              request.max_new_tokens))
+                                              request.max_new_tokens, fmt.stop_token_ids))
         else:
             parts.append(forced_traces(adapter, input_ids, attention_mask, ids,
                                        targets[begin:end]))
@@ -216,18 +228,24 @@ def plan_record(task_config: TaskConfig, model: ModelConfig, kind: str, trace_di
     examples = _cached_examples(task.name, task_config.split, data_dir, task_config.limit)
     example_ids = [e.id for e in examples]
     folder = resolve_model_folder(model.path)
-    from transformers import AutoConfig
+    from suite.models import checkpoint_layers
 
-    num_layers = int(AutoConfig.from_pretrained(folder).num_decoder_layers)
+    num_layers, decoder_only = checkpoint_layers(model.path)
+    chat_template = bool(getattr(model, "chat_template", False))
     limits = task.limits
+    generation = {"decoding": "greedy", "max_source_tokens": limits.max_source_tokens,
+                  "max_target_tokens": limits.max_target_tokens,
+                  "max_new_tokens": limits.max_new_tokens}
+    if decoder_only:  # T5 manifests (and the keys built on them) stay as they were
+        generation.update(family="decoder-only",
+                          prompt="chat_template" if chat_template else "plain",
+                          stop_strings=list(task.stop_strings))
     manifest = TraceManifest(
         kind=kind, task=task.name, split=task_config.split, model_id=model.path,
         model_hash=weights_sha256(folder), tokenizer_hash=tokenizer_sha256(folder),
         num_layers=num_layers, example_ids_hash=hash_strings(example_ids),
         num_examples=len(examples),
-        generation={"decoding": "greedy", "max_source_tokens": limits.max_source_tokens,
-                    "max_target_tokens": limits.max_target_tokens,
-                    "max_new_tokens": limits.max_new_tokens},
+        generation=generation,
         device=device, dtype=dtype, seed=seed, suite_version=__version__,
         git_commit=git_commit(),
         extra={"model_name": model.name, "model_label": model.label, "model_path": model.path,
@@ -245,7 +263,7 @@ def plan_record(task_config: TaskConfig, model: ModelConfig, kind: str, trace_di
             max_source_tokens=limits.max_source_tokens,
             max_target_tokens=limits.max_target_tokens,
             max_new_tokens=limits.max_new_tokens, kind=kind, device=device, dtype=dtype,
-            seed=seed, batch_size=batch_size)
+            seed=seed, batch_size=batch_size, chat_template=chat_template)
         planned[_shard_key(manifest, first, end, example_ids[first:end])] = request
 
     kept, repaired, dropped = [], [], []
@@ -326,7 +344,8 @@ def load_hidden_states(trace_dir: str | Path, *, model_path: str | None = None,
     adapter, tokenizer = _cached_model(model_path, device or "cpu", dtype or manifest.dtype)
     wanted = set(traces.example_ids())
     chosen = [e for e in examples if e.id in wanted]
-    sources = encode_texts(tokenizer, [e.source for e in chosen],
-                           manifest.generation["max_source_tokens"], adapter.eos_token_id)
+    fmt = adapter_format(adapter, tokenizer, get_task(manifest.task),
+                         manifest.generation.get("prompt") == "chat_template")
+    sources = encode_sources(tokenizer, chosen, fmt, manifest.generation["max_source_tokens"])
     return rematerialise_hidden(adapter, traces, {e.id: s for e, s in zip(chosen, sources)},
                                 batch_size=batch_size)

@@ -234,15 +234,17 @@ def _statistics(counts: np.ndarray, agreeing: np.ndarray, order: np.ndarray, num
 
 
 def sequences_by_example(traces: TraceArrays, tokens_row: np.ndarray,
-                         eos_token_id: int | None) -> list[list[int]]:
+                         eos_token_id: int | Sequence[int] | None) -> list[list[int]]:
     """Split one threshold's ``[T]`` replayed tokens into per-example id lists, cut at the
-    first EOS: an early EOS ends the replayed output there."""
+    first EOS (or the first of several stop ids): an early stop ends the replayed output
+    there."""
     starts, ends = traces.example_bounds()
+    stops = None if eos_token_id is None else np.atleast_1d(np.asarray(eos_token_id))
     sequences = []
     for start, end in zip(starts, ends):  # per example (hundreds), not per token
         ids = tokens_row[start:end]
-        if eos_token_id is not None:
-            hits = np.flatnonzero(ids == eos_token_id)
+        if stops is not None:
+            hits = np.flatnonzero(np.isin(ids, stops))
             if hits.size:
                 ids = ids[:hits[0]]
         sequences.append(ids.tolist())

@@ -814,7 +814,9 @@ def ensure_backbones(config: SuiteConfig, *, progress: bool = True) -> StageRepo
             warmup_steps=spec.warmup_steps, weight_decay=spec.weight_decay,
             dropout_rate=spec.dropout_rate, optimizer=spec.optimizer,
             lr_schedule=spec.lr_schedule, final_lr_fraction=spec.final_lr_fraction,
-            grad_accum_steps=spec.grad_accum_steps, precision=spec.precision, seed=spec.seed)
+            grad_accum_steps=spec.grad_accum_steps, precision=spec.precision, seed=spec.seed,
+            layer_dropout=spec.layer_dropout, early_exit_scale=spec.early_exit_scale,
+            curriculum=spec.curriculum)
         launch = Launch(workers=spec.workers, address=config.ray.address, device=config.device,
                         cpus_per_worker=config.ray.cpus_per_worker)
         result = train(settings, None if spec.init else tok.path, folder,

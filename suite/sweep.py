@@ -32,7 +32,7 @@ from suite.errors import ExitbenchError, MeasureFailedError
 from suite.measures import Measure, ModelDims, code_hash, get_measure
 from suite.metrics import get_metric
 from suite.profiles import get_profile
-from suite.record import encode_texts
+from suite.prompts import encode_sources, prompt_format
 from suite.replay import (
     ScoreCache,
     outputs_hash,
@@ -56,6 +56,14 @@ class ModelInfo:
     gated_ffn: bool
     num_encoder_layers: int
     eos_token_id: int
+    decoder_only: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+    """Every EOS id the checkpoint names (decoder-only models may have several)."""
+
+    def costs(self, profile, dtype: str):
+        """The operation costs of ``profile`` for this backbone."""
+        return operation_costs(profile, self.dims, dtype, self.gated_ffn,
+                               self.num_encoder_layers, self.decoder_only)
 
 
 def model_info(model_path: str) -> ModelInfo:
@@ -64,6 +72,10 @@ def model_info(model_path: str) -> ModelInfo:
     from suite.models import resolve_model_folder
 
     config = AutoConfig.from_pretrained(resolve_model_folder(model_path))
+    if getattr(config, "model_type", None) not in ("t5", "mt5"):
+        from suite.backbones.decoder_only import decoder_only_info
+
+        return decoder_only_info(config, model_path)
     num_layers = int(getattr(config, "num_decoder_layers", None) or config.num_layers)
     dims = ModelDims(num_layers=num_layers, d_model=int(config.d_model), d_ff=int(config.d_ff),
                      num_heads=int(config.num_heads), d_kv=int(config.d_kv),
@@ -197,6 +209,10 @@ class OpenedTraces:
     references: list = field(default_factory=list)
     """Each traced example's references, in ``example_ids`` order."""
     detokenize: Callable | None = None
+    format: object = None
+    """The task's prompt format for this model (:func:`suite.prompts.prompt_format`)."""
+    stop_token_ids: tuple[int, ...] = ()
+    """The ids that end an output (EOS, and a decoder-only task's stop strings)."""
     hits_before: int = 0
     misses_before: int = 0
 
@@ -232,15 +248,19 @@ def open_traces(inputs: SweepInputs, profiles: Sequence[str], *,
                              f"{inputs.task.name}/{inputs.split}; were the traces recorded "
                              f"from another split?")
     references = [examples[i].references for i in example_ids]
-    # the encoder lengths the record stage used (same truncation rule, EOS included)
-    source_len = np.array([len(ids) for ids in encode_texts(
-        tokenizer, [examples[i].source for i in example_ids],
-        inputs.task.limits.max_source_tokens, info.eos_token_id)])
+    # the encoder lengths (prompt lengths) the record stage used: same truncation rule
+    prompt = prompt_format(tokenizer, inputs.task, decoder_only=info.decoder_only,
+                           eos_token_ids=info.eos_token_ids or (info.eos_token_id,),
+                           chat_template=inputs.model.chat_template)
+    stop_token_ids = prompt.stop_token_ids
+    source_len = np.array([len(ids) for ids in encode_sources(
+        tokenizer, [examples[i] for i in example_ids], prompt,
+        inputs.task.limits.max_source_tokens)])
     metric = get_metric(inputs.task.metric)
     metric_key = f"{inputs.task.name}|{inputs.task.metric}|{len(example_ids)}"
 
     def quality_of(token_rows: np.ndarray) -> dict:
-        texts = detokenize(sequences_by_example(traces, token_rows, info.eos_token_id))
+        texts = detokenize(sequences_by_example(traces, token_rows, stop_token_ids))
         key = metric_key + "|" + outputs_hash(texts)
 
         def compute() -> dict:
@@ -252,14 +272,14 @@ def open_traces(inputs: SweepInputs, profiles: Sequence[str], *,
 
     full = quality_of(traces.final_id)
     loaded_profiles = [get_profile(name) for name in profiles]
-    costs = {p.name: operation_costs(p, info.dims, inputs.dtype, info.gated_ffn,
-                                     info.num_encoder_layers) for p in loaded_profiles}
+    costs = {p.name: info.costs(p, inputs.dtype) for p in loaded_profiles}
     return OpenedTraces(traces=traces, traces_hash=traces_hash, info=info,
                         example_ids=example_ids, source_len=source_len,
                         example_index=example_index_from_ids(traces.example_id),
                         primary=full["primary"], full=full, costs=costs,
                         profiles=loaded_profiles, cache=cache, quality_of=quality_of,
                         references=references, detokenize=detokenize,
+                        format=prompt, stop_token_ids=stop_token_ids,
                         hits_before=hits_before, misses_before=misses_before)
 
 
@@ -341,12 +361,13 @@ class Sweep:
         self.example_ids, self.references = opened.example_ids, opened.references
         self.source_len, self.example_index = opened.source_len, opened.example_index
         self.quality_of = opened.quality_of
+        self.format, self.stop_token_ids = opened.format, opened.stop_token_ids
         self.full = opened.full
         self.profiles, self.costs = opened.profiles, opened.costs
         # per-example samples, quality intervals and per-request latency of each point
         self.points = PointStatistics(self.traces, self.example_ids, self.references,
                                       inputs.task, inputs.model.name, self.detokenize,
-                                      self.info.eos_token_id, self.cache,
+                                      self.stop_token_ids, self.cache,
                                       bootstrap or BootstrapSettings(seed=seed))
         self.points.add_full_depth()
         self.hidden = HiddenStateLoader(inputs.model.path, inputs.data_dir)

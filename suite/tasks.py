@@ -72,6 +72,13 @@ class TaskSpec:
     local_files: dict[str, str] = field(default_factory=dict)
     """Split name -> file name inside the data folder, for files not named ``<task>/<split>.jsonl``."""
     source: str = "builtin"
+    prompt_template: str | None = None
+    """``str.format`` template of the prompt decoder-only models read (plain text ending where
+    the answer starts, e.g. ``"...\\nAnswer:"``); ``None`` uses ``input_template``. Encoder-
+    decoders always read ``input_template``."""
+    stop_strings: tuple[str, ...] = ()
+    """Decoder-only generation also stops at a token whose text contains one of these (a
+    newline after a short answer); EOS always stops it (:mod:`suite.prompts`)."""
 
     def with_limits(self, **overrides: int | None) -> TaskSpec:
         """A copy with some limits overridden (``None`` keeps the default)."""
@@ -80,7 +87,8 @@ class TaskSpec:
 
     @property
     def input_fields(self) -> list[str]:
-        return template_fields(self.input_template)
+        return template_fields(self.input_template) + (
+            template_fields(self.prompt_template) if self.prompt_template else [])
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,8 @@ class Example:
     """The single training / teacher-forcing target."""
     references: tuple[str, ...]
     """All gold references the metric compares against."""
+    prompt: str | None = None
+    """The decoder-only prompt (the task's ``prompt_template``); ``None`` when it has none."""
 
 
 def template_fields(template: str) -> list[str]:
@@ -118,6 +128,8 @@ def task_from_dict(data: dict[str, Any], source: str) -> TaskSpec:
     data = dict(data)
     limits = TaskLimits(**data.pop("limits"))
     hub = data.pop("hub")
+    if "stop_strings" in data:
+        data["stop_strings"] = tuple(str(s) for s in data["stop_strings"] or ())
     return TaskSpec(limits=limits, hub_path=hub["path"], hub_config=hub.get("config"),
                     source=source, **data)
 
@@ -344,8 +356,11 @@ def format_example(task: TaskSpec, record: dict[str, Any], index: int,
                          f"{template_name} {template!r} needs it. Fix or remove that record")
 
     formatted = {}
-    for name, template in (("input template", task.input_template),
-                           ("target template", task.target_template)):
+    templates = [("input template", task.input_template),
+                 ("target template", task.target_template)]
+    if task.prompt_template is not None:
+        templates.append(("prompt template", task.prompt_template))
+    for name, template in templates:
         try:
             formatted[name] = _FORMATTER.format(template, **record)
         except _MissingField as exc:
@@ -375,7 +390,8 @@ def format_example(task: TaskSpec, record: dict[str, Any], index: int,
     else:
         example_id = str(source.indices[index] if source.indices is not None else index)
     return Example(id=example_id, source=formatted["input template"],
-                   target=formatted["target template"], references=references)
+                   target=formatted["target template"], references=references,
+                   prompt=formatted.get("prompt template"))
 
 
 def load_examples(task: TaskSpec, split: str, data_dir: str | os.PathLike | None = None,

@@ -251,9 +251,9 @@ def run_training(job: TrainJob, context: WorkerContext, store: CheckpointStore, 
         state = None
     else:
         torch.manual_seed(settings.seed)
-        model = FAMILIES[FRESH_FAMILY].fresh(get_preset(settings.preset), len(tokenizer),
-                                             seed=settings.seed,
-                                             dropout_rate=settings.dropout_rate)
+        preset = get_preset(settings.preset)
+        model = FAMILIES[preset.family if preset.family in FAMILIES else FRESH_FAMILY].fresh(
+            preset, len(tokenizer), seed=settings.seed, dropout_rate=settings.dropout_rate)
         state = None
     family = family_for(model.config.model_type)
     objective = settings.objective_spec.resolved(family.num_layers(model))
@@ -331,7 +331,8 @@ def run_training(job: TrainJob, context: WorkerContext, store: CheckpointStore, 
             sync = ddp is None or j == len(mine) - 1
             with contextlib.nullcontext() if sync else ddp.no_sync():
                 with _autocast(context.device, settings.precision):
-                    result = family.loss(view, batch, objective)
+                    result = family.loss(view, batch,
+                                         objective.at_step(step, settings.steps, settings.seed))
                 scaler.scale(result.total * (share * context.world_size)).backward()
             loss_sum += float(result.total.detach()) * share
             parts = result.parts

@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 # them: the CLI imports this module to build its parser, and every `exitbench` command
 # would otherwise pay torch's import time.
 
-OBJECTIVES = ("vanilla", "calm", "free")
+OBJECTIVES = ("vanilla", "calm", "free", "layerskip")
 LAYER_MAPS = ("dyna", "uniform", "last")
 """FREE's layer mappings for the distillation term (``shallowdeep_kd_<map>`` in FREE)."""
 FREE_TEACHER_LAYERS: dict[int, dict[int, tuple[int, ...]]] = {
@@ -109,6 +109,9 @@ class Preset:
     num_layers: int
     dropout_rate: float
     description: str
+    family: str = "t5"
+    """The model family built from it: ``t5`` or ``llama`` (a Llama-style decoder-only model
+    of ``num_layers`` layers, ``d_model`` wide, ``d_ff`` FFN, ``num_heads`` heads of ``d_kv``)."""
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
@@ -118,6 +121,13 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            description="quickstart size: ~3.5M parameters with a 4k vocabulary; minutes on 2 CPU cores"),
     Preset("small", d_model=256, d_ff=1024, num_heads=4, d_kv=64, num_layers=8, dropout_rate=0.1,
            description="~15M parameters; for a GPU or a long CPU run"),
+    Preset("llama-micro", d_model=32, d_ff=64, num_heads=2, d_kv=16, num_layers=3,
+           dropout_rate=0.0, family="llama",
+           description="decoder-only Llama for tests: trains in seconds, learns little"),
+    Preset("llama-tiny", d_model=128, d_ff=384, num_heads=4, d_kv=32, num_layers=6,
+           dropout_rate=0.0, family="llama",
+           description="decoder-only Llama, ~1.7M parameters with a 4k vocabulary; minutes on "
+                       "2 CPU cores"),
 )}
 
 
@@ -178,8 +188,30 @@ class Objective:
     """FREE's ``alpha``: weight of the layer-wise distillation term."""
     layer_map: str = "dyna"
     """FREE's mapping of shallow to teacher layers in the distillation term (``LAYER_MAPS``)."""
+    layer_dropout: float | None = None
+    """LayerSkip: the last layer's dropout rate ``p_max`` (``None``: 0.2, LayerSkip's)."""
+    early_exit_scale: float | None = None
+    """LayerSkip: ``e_scale`` of the early exits' losses (``None``: 1.0)."""
+    curriculum: str | None = None
+    """LayerSkip: ``gradual`` or ``none`` (``None``: gradual)."""
+    step: int = 0
+    """The optimiser step (1-based) the loss is for: LayerSkip's curriculum and dropout draw."""
+    total_steps: int = 0
+    seed: int = 0
+
+    def layerskip_options(self) -> dict[str, Any]:
+        return {"layer_dropout": self.layer_dropout, "early_exit_scale": self.early_exit_scale,
+                "curriculum": self.curriculum}
+
+    def at_step(self, step: int, total_steps: int, seed: int = 0) -> Objective:
+        """The objective at optimiser step ``step`` of ``total_steps``."""
+        return dataclasses.replace(self, step=step, total_steps=total_steps, seed=seed)
 
     def __post_init__(self) -> None:
+        if self.layer_dropout is not None and not 0.0 <= self.layer_dropout < 1.0:
+            raise ExitbenchError(f"layer dropout {self.layer_dropout} must be in [0, 1)")
+        if self.curriculum is not None and self.curriculum not in ("gradual", "none"):
+            raise ExitbenchError(f"unknown curriculum {self.curriculum!r}; use gradual or none")
         if self.name not in OBJECTIVES:
             raise ExitbenchError(f"unknown objective {self.name!r}; use one of "
                                  f"{', '.join(OBJECTIVES)}")
@@ -309,6 +341,9 @@ def objective_loss(model, batch: dict[str, torch.Tensor], objective: Objective) 
 
     num_layers = model.config.num_decoder_layers
     objective = objective.resolved(num_layers)
+    if objective.name == "layerskip":
+        raise ExitbenchError("the layerskip objective trains decoder-only models (a llama-* "
+                             "preset or --init of a Llama, Mistral or Qwen checkpoint)")
     if objective.name == "vanilla":
         outputs = _forward(model, batch, hidden=False)
         mask = batch["labels"] != IGNORE_INDEX
@@ -396,6 +431,50 @@ def encode_examples(tokenizer, examples, max_source_tokens: int,
     return EncodedData(sources=tuple(tuple(s) for s in sources),
                        targets=tuple(tuple(t) for t in targets),
                        example_ids=tuple(e.id for e in examples))
+
+
+def settings_decoder_only(settings: TrainSettings) -> bool:
+    """Whether ``settings`` train a decoder-only model (a llama-* preset, or an init
+    checkpoint whose config names a causal LM)."""
+    if settings.init is None:
+        return get_preset(settings.preset).family != "t5"
+    from suite.models import is_decoder_only
+
+    return is_decoder_only(settings.init)
+
+
+def objective_needs_decoder_only(settings: TrainSettings) -> bool:
+    return settings.objective == "layerskip"
+
+
+def encode_causal_examples(tokenizer, examples, task) -> EncodedData:
+    """Decoder-only training data: the task's plain prompt and its continuation, EOS last
+    (:mod:`suite.prompts`, the same encoding traces use)."""
+    from suite.prompts import PromptFormat, encode_prompts, encode_targets
+
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ExitbenchError("the tokenizer names no EOS token; decoder-only training needs one")
+    fmt = PromptFormat(decoder_only=True, eos_token_id=int(eos), stop_token_ids=(int(eos),))
+    from suite.prompts import prompt_text
+
+    sources = encode_prompts(tokenizer, [prompt_text(tokenizer, e, fmt) for e in examples],
+                             task.limits.max_source_tokens)
+    targets = encode_targets(tokenizer, examples, fmt, task.limits.max_target_tokens)
+    return EncodedData(sources=tuple(tuple(s) for s in sources),
+                       targets=tuple(tuple(t) for t in targets),
+                       example_ids=tuple(e.id for e in examples))
+
+
+def layerskip_record(objective: Objective, num_layers: int) -> dict[str, Any]:
+    """What a LayerSkip-trained folder records of its recipe."""
+    from suite.backbones.causal_training import LAYERSKIP_DEFAULTS, layer_dropout_rates
+
+    options = {**LAYERSKIP_DEFAULTS, **{k: v for k, v in objective.layerskip_options().items()
+                                        if v is not None}}
+    return {**options, "loss_scale": "linear_l",
+            "layer_dropout_rates": layer_dropout_rates(num_layers,
+                                                       options["layer_dropout"]).tolist()}
 
 
 def collate(data: EncodedData, indices: Sequence[int], pad_id: int = 0) -> dict[str, torch.Tensor]:
@@ -494,6 +573,10 @@ class TrainSettings:
     """Micro-batches per worker per optimiser step."""
     precision: str = "fp32"
     """``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast and dynamic loss scaling)."""
+    layer_dropout: float | None = None
+    """LayerSkip's maximum layer dropout (``None``: 0.2; only with ``objective=layerskip``)."""
+    early_exit_scale: float | None = None
+    curriculum: str | None = None
 
     def __post_init__(self) -> None:
         from suite.train_loop import PRECISIONS
@@ -524,7 +607,18 @@ class TrainSettings:
 
     @property
     def objective_spec(self) -> Objective:
-        return Objective(self.objective, self.shallow_layer, self.kd_weight, self.layer_map)
+        return Objective(self.objective, self.shallow_layer, self.kd_weight, self.layer_map,
+                         layer_dropout=self.layer_dropout,
+                         early_exit_scale=self.early_exit_scale, curriculum=self.curriculum)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings as recorded with the model; LayerSkip's options only when set, so
+        folders trained before they existed still match."""
+        values = dataclasses.asdict(self)
+        for name in ("layer_dropout", "early_exit_scale", "curriculum"):
+            if values[name] is None:
+                del values[name]
+        return values
 
 
 QUICKSTART_SETTINGS = TrainSettings(objective="calm", preset="tiny", tasks=("squad",),
@@ -588,8 +682,11 @@ def _load_examples(settings: TrainSettings, split: str, data_dir, tokenizer) -> 
         task = get_task(name).with_limits(max_source_tokens=settings.max_source_tokens,
                                           max_target_tokens=settings.max_target_tokens)
         examples = load_examples(task, split, data_dir, settings.limit)
-        parts.append(encode_examples(tokenizer, examples, task.limits.max_source_tokens,
-                                     task.limits.max_target_tokens))
+        if settings_decoder_only(settings):
+            parts.append(encode_causal_examples(tokenizer, examples, task))
+        else:
+            parts.append(encode_examples(tokenizer, examples, task.limits.max_source_tokens,
+                                         task.limits.max_target_tokens))
         described.append({"task": name, "split": split, "num_examples": len(examples),
                           "max_source_tokens": task.limits.max_source_tokens,
                           "max_target_tokens": task.limits.max_target_tokens})
@@ -709,10 +806,14 @@ def train(settings: TrainSettings, tokenizer_dir: str | Path | None, out: str | 
         tokenizer = load_tokenizer(tokenizer_dir)
         tokenizer_hash = spiece_sha256(tokenizer_dir)
         depth = get_preset(settings.preset).num_layers
+    if objective_needs_decoder_only(settings) and not settings_decoder_only(settings):
+        raise ExitbenchError(f"the {settings.objective} objective trains decoder-only models; "
+                             f"use a llama-* preset or --init a Llama, Mistral or Qwen "
+                             f"checkpoint")
     objective = settings.objective_spec.resolved(depth)
     data, described, max_src, max_tgt = _load_examples(settings, settings.split, data_dir,
                                                        tokenizer)
-    identity = {**dataclasses.asdict(settings), "tasks": list(settings.tasks),
+    identity = {**settings.identity(), "tasks": list(settings.tasks),
                 "shallow_layer": objective.shallow_layer,
                 "tokenizer_spiece_sha256": tokenizer_hash,
                 "train_example_ids_sha256": hash_strings(list(data.example_ids)),
@@ -810,10 +911,13 @@ def train(settings: TrainSettings, tokenizer_dir: str | Path | None, out: str | 
                      "curve": outcome.eval_curve}
     data_text = describe_data(described)
     if init is None:
-        label = (f"{settings.preset} T5 ({objective.name} objective) trained by exitbench on "
-                 f"the {data_text} for {settings.steps} steps; not a published checkpoint")
-        architecture = dataclasses.asdict(get_preset(settings.preset)) | {
-            "vocab_size": len(tokenizer)}
+        preset = get_preset(settings.preset)
+        kind = "T5" if preset.family == "t5" else "Llama-style decoder-only model"
+        label = (f"{settings.preset} {kind} ({objective.name} objective) trained by exitbench "
+                 f"on the {data_text} for {settings.steps} steps; not a published checkpoint")
+        architecture = dataclasses.asdict(preset) | {"vocab_size": len(tokenizer)}
+        if preset.family == "t5":  # T5 folders' metadata as before
+            del architecture["family"]
     else:
         label = (f"{init.source} fine-tuned by exitbench with the {objective.name} objective "
                  f"on the {data_text} for {settings.steps} steps")
@@ -828,6 +932,8 @@ def train(settings: TrainSettings, tokenizer_dir: str | Path | None, out: str | 
         "shallow_layer": objective.shallow_layer,
         "kd_weight": objective.kd_weight if objective.name == "free" else None,
         "layer_map": objective.layer_map if objective.name == "free" else None,
+        **({"layerskip": layerskip_record(objective, num_layers)}
+           if objective.name == "layerskip" else {}),
         "layer_weights": calm_layer_weights(num_layers).tolist()
         if objective.name == "calm" else None,
         "tasks": described,

@@ -13,11 +13,13 @@ from suite.training import LR_SCHEDULES, OBJECTIVES, OPTIMIZERS, PRESETS, TrainS
 def register(subparsers: argparse._SubParsersAction) -> None:
     defaults = TrainSettings()
     parser = subparsers.add_parser(
-        "train", help="train or fine-tune a T5 (vanilla, CALM or FREE objective) on task data",
-        description="Train a small T5 backbone from scratch on task examples with a "
+        "train", help="train or fine-tune a T5 (vanilla, CALM or FREE objective) or a "
+                      "decoder-only Llama-style model (vanilla, CALM or LayerSkip) on task data",
+        description="Train a small T5 (or, with a llama-* preset, a Llama-style decoder-only) "
+                    "backbone from scratch on task examples with a "
                     "tokenizer from `exitbench train-tokenizer`, or fine-tune a pretrained "
-                    "T5-family checkpoint (--init HUB_ID_OR_FOLDER; t5, t5-v1_1, flan-t5, mt5) "
-                    "with its own tokenizer. With --workers N it runs on Ray Train (PyTorch "
+                    "checkpoint (--init HUB_ID_OR_FOLDER; t5, t5-v1_1, flan-t5, mt5, Llama, "
+                    "Mistral, Qwen2, Qwen3) with its own tokenizer. With --workers N it runs on Ray Train (PyTorch "
                     "DDP) on this machine or the cluster at --address; --batch-size is the "
                     "global batch either way. Checkpoints go to <out>.checkpoints/ every "
                     "--checkpoint-every steps; rerunning the same command resumes from the "
@@ -66,6 +68,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="FREE's distillation layer map (default dyna, FREE's)")
     parser.add_argument("--kd-weight", type=float, default=defaults.kd_weight,
                         help="FREE's weight of the layer-wise distillation loss (default 0.5)")
+    parser.add_argument("--layer-dropout", type=float, default=None,
+                        help="LayerSkip: the last layer's dropout rate, rising exponentially "
+                             "from 0 at the first layer (default 0.2)")
+    parser.add_argument("--early-exit-scale", type=float, default=None,
+                        help="LayerSkip: scale of the early exits' losses (default 1.0)")
+    parser.add_argument("--curriculum", choices=("gradual", "none"), default=None,
+                        help="LayerSkip: exits whose losses count, enabled from the last layer "
+                             "down over the first half of training (gradual, the default)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer,
                         help="adamw, or adafactor as FREE's scripts use it (default adamw)")
     parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=defaults.lr_schedule,
@@ -128,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         dropout_rate=args.dropout_rate, seed=args.seed, init=args.init,
         optimizer=args.optimizer, lr_schedule=args.lr_schedule,
         final_lr_fraction=args.final_lr_fraction, grad_accum_steps=args.grad_accum_steps,
-        precision=args.precision)
+        precision=args.precision, layer_dropout=args.layer_dropout,
+        early_exit_scale=args.early_exit_scale, curriculum=args.curriculum)
     launch = Launch(workers=args.workers, address=args.address, device=args.device,
                     cpus_per_worker=args.cpus_per_worker, storage=args.storage,
                     max_failures=args.max_failures)

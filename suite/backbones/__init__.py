@@ -1,4 +1,5 @@
-"""Model families the training loop can build, load and train.
+"""Model families the training loop can build, load and train (this package also holds the
+backbone adapters: :mod:`suite.backbones.decoder_only`).
 
 The loop (:mod:`suite.train_loop`) knows nothing of T5: it asks a :class:`BackboneFamily`
 for a model (fresh from a preset, or pretrained from a hub id or folder), for a batch of
@@ -131,6 +132,16 @@ class T5Family:
 FAMILIES: dict[str, BackboneFamily] = {t: T5Family() for t in T5Family.model_types}
 """``model_type`` -> the family that trains it."""
 
+
+def _register_decoder_only() -> None:
+    from suite.backbones.causal_training import CausalLMFamily
+
+    family = CausalLMFamily()
+    FAMILIES.update({t: family for t in family.model_types})
+
+
+_register_decoder_only()
+
 FRESH_FAMILY = "t5"
 """The family of models built from a preset (the suite's own small T5s)."""
 
@@ -139,7 +150,8 @@ def family_for(model_type: str, where: str = "") -> BackboneFamily:
     if model_type not in FAMILIES:
         raise ExitbenchError(f"{where or 'the checkpoint'}: model_type {model_type!r} cannot be "
                              f"fine-tuned here; supported: {', '.join(sorted(FAMILIES))} "
-                             f"(t5, t5-v1_1, flan-t5 and mt5 checkpoints)")
+                             f"(t5, t5-v1_1, flan-t5 and mt5 checkpoints; Llama, Mistral, Qwen2 and "
+                             f"Qwen3 causal LMs)")
     return FAMILIES[model_type]
 
 
@@ -154,7 +166,7 @@ def check_loading_info(folder: Path, info: dict[str, Any]) -> None:
         problems.append(f"weights of another shape: {_few([k[0] if isinstance(k, tuple) else k for k in info['mismatched_keys']])}")
     if problems:
         raise ExitbenchError(f"--init {folder}: " + "; ".join(problems) + ". Point --init at a "
-                             "complete checkpoint of a T5-family model (save_pretrained)")
+                             "complete checkpoint (save_pretrained)")
 
 
 def _few(names: Any, n: int = 5) -> str:
