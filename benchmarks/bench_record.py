@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def default_model(root: Path) -> Path:
-    from suite.models import random_t5
+    from suite.backbones.t5 import random_t5
     from suite.tokenizer import (
         TokenizerSettings,
         copy_tokenizer_files,

@@ -23,8 +23,8 @@ from bench_replay import synthetic_traces
 from suite.cost import example_index_from_ids, operation_costs, speculative_cost
 from suite.measures import ModelDims
 from suite.profiles import get_profile
-from suite.speculative import SelfSpeculation
-from suite.speculative_replay import emitted_tokens, replay_speculation, replay_statistics
+from suite.speculative.method import SelfSpeculation
+from suite.speculative.replay import emitted_tokens, replay_speculation, replay_statistics
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """What tracing every layer costs: traced decoding vs the suite's untraced loop vs HF generate.
 
 Model: t5-small's architecture (60M parameters, 6 + 6 layers, vocabulary 32128) with
-random weights (``suite.models.random_t5``; no hub access here). Inputs: random token ids
+random weights (``suite.backbones.t5.random_t5``; no hub access here). Inputs: random token ids
 of ``--source-tokens`` length. All three decoders run greedy search with a KV cache for
 exactly ``--max-new-tokens`` steps (EOS is set to an id the model never emits, so no row
 stops early and every method does the same number of steps); their outputs are checked
@@ -38,8 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from suite.backbones.t5 import T5Adapter, random_t5  # noqa: E402
 from suite.decoding import greedy_decode, pad_batch, traced_greedy_decode  # noqa: E402
-from suite.models import T5Adapter, random_t5  # noqa: E402
 
 TOLERANCE = 1.15
 

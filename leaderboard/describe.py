@@ -138,7 +138,7 @@ METHOD_DESCRIPTIONS = {
 
 def describe_method(name: str, rows: list[ResultRow]) -> MeasureInfo:
     """A decoding method's series (rows with ``method`` other than ``early_exit``)."""
-    from suite.speculative import method_code_hash
+    from suite.speculative.method import method_code_hash
 
     method = rows[0].method
     info = MeasureInfo(name, True, source=f"decoding method {method}", method=method,

@@ -172,7 +172,7 @@ def method_setting(row) -> str:
     accepted tokens per cycle."""
     import json
 
-    from suite.speculative import options_label
+    from suite.speculative.method import options_label
 
     try:
         options = json.loads(row.method_options or "{}")

@@ -803,7 +803,7 @@ def price_replay(costs: OperationCosts, dims: ModelDims, exit_layer, example_ind
 
 
 # -- self-speculative decoding -------------------------------------------------------------------
-# A cycle (suite.speculative): ``c`` draft steps of layers 0..E-1 with the exit head at E-1,
+# A cycle (suite.speculative.method): ``c`` draft steps of layers 0..E-1 with the exit head at E-1,
 # then one verification pass (the last draft token through layers 0..E-1, layers E..L-1 over
 # the ``c + 1`` positions, the LM head at each), then the rollback of rejected positions.
 def verification_layer_seconds(costs: OperationCosts, batch_size, context_len, source_len,

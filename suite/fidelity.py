@@ -572,7 +572,7 @@ def run_online(config: SuiteConfig, *, progress: bool = True) -> OnlineReport:
     started = time.perf_counter()
     online = [m for m in config.measures if config.online.measures is None
               or m.display_name in config.online.measures]
-    for task in config.tasks if online else ():  # methods: speculative_sweep
+    for task in config.tasks if online else ():  # methods: speculative.sweep
         for model in config.models:
             ctx = open_context(config, task, model)
             for measure in online:
@@ -611,8 +611,8 @@ def store_online_part(report: OnlineReport, path: Path, label: str, key: Callabl
 
 def fidelity_entries(config: SuiteConfig) -> list[dict[str, Any]]:
     """The stored fidelity entries of this config, with task and model (the decoding
-    methods' too: :func:`suite.speculative_sweep.method_fidelity_entries`)."""
-    from suite.speculative_sweep import method_fidelity_entries
+    methods' too: :func:`suite.speculative.sweep.method_fidelity_entries`)."""
+    from suite.speculative.sweep import method_fidelity_entries
 
     return [{"task": task, "model": model, **entry}
             for task, model, part in stored_parts(config)
@@ -673,7 +673,7 @@ def write_fidelity_report(config: SuiteConfig, out_dir: Path) -> Path:
                                                    "device": config.device,
                                                    "machine": _machine()})
     from suite.atomic import atomic_write_text
-    from suite.speculative_sweep import render_method_markdown
+    from suite.speculative.sweep import render_method_markdown
 
     atomic_write_text(out_dir / "fidelity.md", render_markdown(entries, summary, config)
                       + render_method_markdown(entries, config))

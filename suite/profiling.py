@@ -2,7 +2,7 @@
 write a ``kind: measured`` profile (:class:`suite.profiles.MeasuredProfile`) that
 :class:`suite.cost.MeasuredCosts` prices replays with (``exitbench profile``).
 
-Everything is timed through the suite's own layer loop (:class:`suite.models.T5Adapter`),
+Everything is timed through the suite's own layer loop (:class:`suite.backbones.t5.T5Adapter`),
 on the model the tables are for, with random token ids (timings do not depend on values):
 
 - **a greedy decoding step** ``[batch, context]``, exactly as
@@ -34,7 +34,7 @@ on the model the tables are for, with random token ids (timings do not depend on
   for every pass; the decoder-layer table spreads it over the ``L`` layers, so a draft step
   of ``E`` layers is priced ``(1 - E / L)`` of it more.
 - **rollback** ``[batch]`` (self-speculative decoding): a cycle's acceptance
-  (:func:`suite.speculative_online.accept_drafts`) and the rollback of the rejected
+  (:func:`suite.speculative.online.accept_drafts`) and the rollback of the rejected
   positions from every layer's cache, rows rejecting different counts (so rows are
   realigned, the dearer case) at batch > 1.
 
@@ -447,7 +447,7 @@ VERIFY_PHASES = ("setup", "layers")
 
 def verify_entry(bench: DecoderBench, context: int, query_len: int,
                  sync: Callable[[], None], generator: torch.Generator) -> Entry:
-    """A verification pass as :func:`suite.speculative_online.self_speculative_decode` runs
+    """A verification pass as :func:`suite.speculative.online.self_speculative_decode` runs
     its deep part: layer 0 holds ``context`` keys, layers ``1..L-1`` lack the last
     ``query_len`` positions; ``setup`` is ``begin_catch_up`` (the masks and relative
     position bias of ``query_len`` queries, paid once per verification), ``layers`` runs the
@@ -500,7 +500,7 @@ def rollback_entry(bench: DecoderBench, context: int, draft_length: int) -> Entr
     """A cycle's acceptance of ``draft_length`` drafts and the rollback of the rejected
     positions of every layer (rows rejecting different counts at batch > 1), on a cache of
     ``context`` keys."""
-    from suite.speculative_online import accept_drafts
+    from suite.speculative.online import accept_drafts
 
     adapter = bench.adapter
     batch = bench.next_ids.shape[0]

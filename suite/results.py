@@ -100,7 +100,7 @@ class ResultRow:
     """Within the profile's ``latency_limits`` (``None``: the profile declares none)."""
     method: str = "early_exit"
     """The decoding method: ``early_exit`` (a measure and a threshold) or
-    ``self_speculative`` (lossless drafting from an early exit; :mod:`suite.speculative`)."""
+    ``self_speculative`` (lossless drafting from an early exit; :mod:`suite.speculative.method`)."""
     method_options: str = "{}"
     """JSON of the method's options (``{}`` for early exit, whose options are the measure's;
     self-speculation: ``draft_depth``, ``draft_length`` and the stopping rule's

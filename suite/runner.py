@@ -636,7 +636,7 @@ class ReplayGroupError(ExitbenchError):
 
 def collect_results(config: SuiteConfig) -> list:
     """Rows of every part of this config, in config order: replayed rows, the decoding
-    methods' rows (:mod:`suite.speculative_sweep`), then the rows measured online
+    methods' rows (:mod:`suite.speculative.sweep`), then the rows measured online
     (``exitbench online``/``fidelity``) when there are any."""
     from suite.fidelity import read_online_rows
     from suite.results import ResultRow
@@ -653,7 +653,7 @@ def collect_results(config: SuiteConfig) -> list:
                 for row in part["rows"]:
                     rows.append(ResultRow(**{k: v for k, v in row.items() if k in names}))
     from suite.calibration import read_calibrated_rows
-    from suite.speculative_sweep import read_method_rows
+    from suite.speculative.sweep import read_method_rows
 
     return rows + read_method_rows(config) + read_online_rows(config) + \
         read_calibrated_rows(config)
@@ -1010,7 +1010,7 @@ def replay_suite(config: SuiteConfig, config_path: str | None = None, *,
         if config.calibration is not None and config.measures:
             summary.stages.append(run_calibration_stage(config))
         if config.methods:  # decoding methods beside early exit, on the same traces
-            from suite.speculative_sweep import run_method_stage
+            from suite.speculative.sweep import run_method_stage
 
             summary.stages.append(run_method_stage(config, progress=progress))
         if all_measures.measures or config.methods:

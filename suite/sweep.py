@@ -187,7 +187,7 @@ ESTIMATED_CHECK_NOTE = ("the measured profile has no timings for this measure's 
 class OpenedTraces:
     """One (task, model)'s generated traces with what replay prices and scores them by
     (:func:`open_traces`); shared by the measures' sweep and the decoding methods'
-    (:mod:`suite.speculative_sweep`)."""
+    (:mod:`suite.speculative.sweep`)."""
 
     traces: TraceArrays
     traces_hash: str

@@ -7,7 +7,7 @@ Three objectives, each a pure function of (model, batch) -> :class:`LossParts`
   ``labels``.
 - ``calm`` (Schuster et al. 2022): ``L = sum_i w_i CE_i`` over all ``L`` decoder
   layers, ``w_i = i / sum_j j`` (``i = 1..L``), each ``CE_i`` computed on
-  :func:`suite.models.t5_exit_logits` of layer ``i``'s hidden state: the shared LM
+  :func:`suite.backbones.t5.t5_exit_logits` of layer ``i``'s hidden state: the shared LM
   head after the final norm and T5's ``d_model ** -0.5`` scaling.
 - ``free`` (Bae et al. 2023, as in their released code ``util/losses.py``):
   ``L = (k CE_k + L CE_L) / (k + L) + alpha * KD`` with the shallow exit ``k``
@@ -310,7 +310,7 @@ def layer_losses(model, batch: dict[str, torch.Tensor], outputs=None) -> torch.T
     positions: the norm and head act per position, so this equals slicing full logits."""
     import torch
 
-    from suite.models import t5_exit_logits
+    from suite.backbones.t5 import t5_exit_logits
 
     if outputs is None:
         outputs = _forward(model, batch, hidden=True)
@@ -337,7 +337,7 @@ def objective_loss(model, batch: dict[str, torch.Tensor], objective: Objective) 
     """The objective on one batch (``input_ids``, ``attention_mask``, ``labels`` with
     ``-100`` at padding). See the module docstring for the formulas."""
 
-    from suite.models import t5_exit_logits
+    from suite.backbones.t5 import t5_exit_logits
 
     num_layers = model.config.num_decoder_layers
     objective = objective.resolved(num_layers)

@@ -33,7 +33,7 @@ def _no_ambient_data_dir(monkeypatch):
 def random_backbone(tmp_path_factory, samples_dir) -> Path:
     """A folder like the backbones the suite trains: a SentencePiece tokenizer trained on
     the SQuAD sample and a randomly initialised 3+3-layer T5 (random weights: tests only)."""
-    from suite.models import random_t5
+    from suite.backbones.t5 import random_t5
     from suite.tokenizer import (
         TokenizerSettings,
         copy_tokenizer_files,

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from hf_reference import hf_forward
 
+from suite.backbones.t5 import T5Adapter, random_t5
 from suite.decoding import (
     forced_traces,
     greedy_decode,
@@ -18,7 +19,6 @@ from suite.decoding import (
     traced_greedy_decode,
 )
 from suite.errors import ExitbenchError
-from suite.models import T5Adapter, random_t5
 
 MAX_NEW_TOKENS = 8
 EXAMPLE_IDS = ["ex-a", "ex-b", "ex-c"]
@@ -58,7 +58,7 @@ def _hf_teacher_forced(model, ids, mask, targets: list[np.ndarray]):
 
 @pytest.fixture(scope="module")
 def decoded():
-    """t5-small architecture, random weights (see suite.models.random_t5), three padded
+    """t5-small architecture, random weights (see suite.backbones.t5.random_t5), three padded
     inputs; EOS chosen so that one row stops early. Decoded by us and by HF generate."""
     adapter = T5Adapter(random_t5(seed=0))
     model = adapter.model

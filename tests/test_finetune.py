@@ -16,9 +16,10 @@ from backbone_helpers import hand_calm_loss, hand_layer_ce, save_in_hub_cache
 from transformers import T5ForConditionalGeneration
 
 from suite.backbones import T5Family
+from suite.backbones.t5 import random_t5
 from suite.cli import main
 from suite.errors import ExitbenchError
-from suite.models import random_t5, weights_sha256
+from suite.models import weights_sha256
 from suite.tasks import get_task, load_examples
 from suite.tokenizer import copy_tokenizer_files, load_tokenizer, spiece_sha256
 from suite.training import (

@@ -7,17 +7,10 @@ import pytest
 import torch
 from hf_reference import hf_forward
 
+from suite.backbones.t5 import T5Adapter, random_t5, scales_decoder_outputs, t5_exit_logits
 from suite.errors import ExitbenchError
 from suite.measures import ModelDims
-from suite.models import (
-    DecoderAdapter,
-    T5Adapter,
-    random_t5,
-    resolve_model_folder,
-    scales_decoder_outputs,
-    t5_exit_logits,
-    weights_sha256,
-)
+from suite.models import DecoderAdapter, resolve_model_folder, weights_sha256
 
 TINY = {"vocab_size": 96, "d_model": 32, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 3,
         "num_heads": 4, "d_kv": 8}

@@ -10,11 +10,11 @@ import pytest
 import torch
 from hf_reference import hf_forward
 
+from suite.backbones.t5 import T5Adapter, random_t5, t5_exit_logits
 from suite.decoding import greedy_decode, pad_batch, traced_greedy_decode
 from suite.errors import ExitbenchError
 from suite.fidelity import cut_at_eos, divergence, online_thresholds
 from suite.measures import get_measure
-from suite.models import T5Adapter, random_t5, t5_exit_logits
 from suite.online import ExitPolicy, decode_examples, online_greedy_decode
 
 TINY = {"vocab_size": 512, "d_model": 64, "d_ff": 128, "num_layers": 4, "num_decoder_layers": 4,

@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
+from suite.backbones.t5 import T5Adapter, random_t5
 from suite.cli import main
 from suite.cost import MeasuredCosts, full_depth_seconds, price_replay
 from suite.measures import MEASURES, ModelDims
-from suite.models import T5Adapter, random_t5
 from suite.profiles import MeasuredProfile, get_profile, load_profile
 from suite.profiling import (
     Entry,

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from suite.backbones.t5 import T5Adapter
 from suite.cli import main
 from suite.config import ModelConfig, TaskConfig
 from suite.decoding import pad_batch, traced_greedy_decode
 from suite.errors import ExitbenchError
-from suite.models import T5Adapter, load_tokenizer, tokenizer_sha256, weights_sha256
+from suite.models import load_tokenizer, tokenizer_sha256, weights_sha256
 from suite.record import (
     ShardRequest,
     encode_texts,

@@ -1,5 +1,5 @@
-"""Self-speculative decoding: replay from traces (suite/speculative_replay.py), the online
-decoder (suite/speculative_online.py), the adapter's rollback, and the cost of a cycle
+"""Self-speculative decoding: replay from traces (suite/speculative/replay.py), the online
+decoder (suite/speculative/online.py), the adapter's rollback, and the cost of a cycle
 schedule (suite/cost.py).
 
 Models here have random weights (test use only) whose layers disagree, so drafts are
@@ -13,14 +13,14 @@ import pytest
 import torch
 from measure_fixtures import make_traces
 
+from suite.backbones.t5 import T5Adapter, random_t5
 from suite.cost import speculative_cost
 from suite.decoding import greedy_decode, pad_batch, traced_greedy_decode
 from suite.errors import ExitbenchError
 from suite.measures import CheckCost, ModelDims, get_measure
-from suite.models import T5Adapter, random_t5
-from suite.speculative import DraftStop, SelfSpeculation, draft_layer_view
-from suite.speculative_online import CycleLog, self_speculative_decode
-from suite.speculative_replay import emitted_tokens, replay_speculation, replay_statistics
+from suite.speculative.method import DraftStop, SelfSpeculation, draft_layer_view
+from suite.speculative.online import CycleLog, self_speculative_decode
+from suite.speculative.replay import emitted_tokens, replay_speculation, replay_statistics
 
 TINY = {"vocab_size": 300, "d_model": 64, "d_ff": 128, "num_layers": 4, "num_decoder_layers": 4,
         "num_heads": 4, "d_kv": 16}

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from suite.fidelity import run_online, write_fidelity_report
     from suite.record import record_task
     from suite.runner import ensure_backbones, record_jobs, replay_suite
-    from suite.speculative_sweep import run_methods_online
+    from suite.speculative.sweep import run_methods_online
 
     config = load_config(args.config)
     ensure_backbones(config, progress=not args.no_progress)

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from suite.config import load_config
     from suite.fidelity import run_online
-    from suite.speculative_sweep import run_methods_online
+    from suite.speculative.sweep import run_methods_online
 
     config = load_config(args.config)
     report = run_online(config, progress=not args.no_progress)

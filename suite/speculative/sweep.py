@@ -8,7 +8,7 @@ Config: a ``methods:`` entry (:class:`suite.config.MethodConfig`) sweeps draft d
 combination is a point, one row per profile and batch size. Rows are lossless by
 construction: quality is the full-depth quality of the same traces (checked: the replayed
 cycles emit exactly the recorded tokens). Where the trace leaves a stopping rule's draft
-count open (:mod:`suite.speculative_replay`), the row's speedup is the lower bound (the most
+count open (:mod:`suite.speculative.replay`), the row's speedup is the lower bound (the most
 drafting) and ``extra`` holds both bounds.
 
 Stored work: ``results/methods/<task>/<model>/<label>.json`` (replay rows) and
@@ -36,7 +36,7 @@ from suite.errors import ExitbenchError
 from suite.keys import content_key, file_stem
 from suite.measures import Measure, code_hash, get_measure
 from suite.results import ResultRow
-from suite.speculative import (
+from suite.speculative.method import (
     METHOD,
     DraftStop,
     SelfSpeculation,
@@ -45,7 +45,7 @@ from suite.speculative import (
     options_label,
     stop_scores,
 )
-from suite.speculative_replay import (
+from suite.speculative.replay import (
     SpeculativeReplay,
     SpeculativeStatistics,
     cycle_statistics,
@@ -362,7 +362,7 @@ class SpeculativeTiming:
     full: Any
     """:class:`suite.online.OnlineRun` of the first repeat."""
     speculative: Any
-    """:class:`suite.speculative_online.SpeculativeRun` of the first repeat."""
+    """:class:`suite.speculative.online.SpeculativeRun` of the first repeat."""
     full_tokens_per_s: float
     """Median over repeats."""
     speculative_tokens_per_s: float
@@ -373,8 +373,8 @@ class SpeculativeTiming:
 
 def timed_speculation(ctx, batch_size: int, spec: SelfSpeculation,
                       repeats: int) -> SpeculativeTiming:
-    """``repeats`` paired runs (:func:`suite.speculative_online.decode_paired_speculative`)."""
-    from suite.speculative_online import decode_paired_speculative
+    """``repeats`` paired runs (:func:`suite.speculative.online.decode_paired_speculative`)."""
+    from suite.speculative.online import decode_paired_speculative
 
     pairs = [decode_paired_speculative(ctx.adapter, ctx.sources, ctx.example_ids, batch_size,
                                        ctx.task.limits.max_new_tokens, spec)
@@ -389,7 +389,7 @@ def timed_speculation(ctx, batch_size: int, spec: SelfSpeculation,
 
 
 def compare_cycles(online, replayed: SpeculativeReplay) -> dict[str, Any]:
-    """Online cycles (a :class:`suite.speculative_online.CycleLog` whose rows are example
+    """Online cycles (a :class:`suite.speculative.online.CycleLog` whose rows are example
     indices) against replay's, example by example: the accepted counts must be equal cycle
     for cycle, and online draft counts lie within replay's bounds (checked on the examples
     whose cycles line up)."""

@@ -1,6 +1,6 @@
 """Self-speculative decoding (LayerSkip-style): the method's settings, shared by replay
-(:mod:`suite.speculative_replay`), the cost model (:func:`suite.cost.speculative_cost`) and
-the online decoder (:mod:`suite.speculative_online`).
+(:mod:`suite.speculative.replay`), the cost model (:func:`suite.cost.speculative_cost`) and
+the online decoder (:mod:`suite.speculative.online`).
 
 The method, as LayerSkip's ``SelfSpeculativeGenerationStrategy`` runs it
 (``self_speculation/self_speculation_generator.py`` and ``llama_model_utils.py`` of
@@ -183,15 +183,15 @@ def stop_scores(stop: DraftStop, traces: TraceArrays, exit_layer: int) -> np.nda
     return scores[:, exit_layer]
 
 
-METHOD_MODULES = ("speculative.py", "speculative_replay.py", "speculative_online.py",
-                  "speculative_sweep.py", "cost.py")
+METHOD_MODULES = ("speculative/method.py", "speculative/replay.py", "speculative/online.py",
+                  "speculative/sweep.py", "cost.py")
 """The sources a self-speculative row's numbers depend on (its code hash)."""
 
 
 def method_code_hash() -> str:
     """SHA-256 over the method's modules (the ``measure_code_hash`` of its rows)."""
     digest = hashlib.sha256()
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent  # suite/
     for name in METHOD_MODULES:
         digest.update(name.encode() + b"\0" + (here / name).read_bytes())
     return digest.hexdigest()

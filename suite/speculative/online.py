@@ -1,6 +1,6 @@
 """Online self-speculative greedy decoding through the adapter protocol: draft with the
 first ``E`` layers, verify the drafts in one parallel pass through the rest, accept, roll
-the caches back, continue (:mod:`suite.speculative` describes the method and cites
+the caches back, continue (:mod:`suite.speculative.method` describes the method and cites
 LayerSkip's code it follows).
 
 One cycle of :func:`self_speculative_decode`, for a batch:
@@ -26,7 +26,7 @@ Every emitted token is the full model's greedy prediction on the emitted prefix,
 output equals :func:`suite.decoding.greedy_decode`'s (up to float differences between a
 parallel and a one-token pass, which can flip an exact near-tie; tested equal on random and
 trained models). Each row's cycles are those of batch 1 (its acceptances depend on its own
-tokens only); the per-cycle log is what replay (:mod:`suite.speculative_replay`) predicts.
+tokens only); the per-cycle log is what replay (:mod:`suite.speculative.replay`) predicts.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from suite.online import (
     _joined,
     _synchronise,
 )
-from suite.speculative import SelfSpeculation
+from suite.speculative.method import SelfSpeculation
 
 
 @dataclass(frozen=True)

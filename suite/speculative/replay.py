@@ -1,7 +1,7 @@
 """Self-speculative decoding replayed from full-depth traces: every cycle's drafts,
 acceptances and emitted tokens, exactly, without running the model.
 
-Why the trace determines it (:mod:`suite.speculative` describes the method): within an
+Why the trace determines it (:mod:`suite.speculative.method` describes the method): within an
 accepted prefix the draft reads the same inputs as the full model did, so its prediction
 at each position ``p + i`` (for ``i`` up to and including the first rejected draft) is the
 recorded top-1 at layer ``E - 1``, ``top1_id[p + i, E - 1]``, and the full model's is the
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from suite.errors import ExitbenchError
-from suite.speculative import SelfSpeculation, stop_scores
+from suite.speculative.method import SelfSpeculation, stop_scores
 from suite.traces import TraceArrays
 
 
