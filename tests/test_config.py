@@ -1,5 +1,7 @@
 """Config validation: every error names the file, the key and what is wrong."""
 
+from pathlib import Path
+
 import pytest
 
 from suite.config import load_config, parse_config
@@ -71,3 +73,20 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(write(tmp_path, "tasks: [\n"))
     with pytest.raises(ConfigError, match="tasks"):
         load_config(write(tmp_path, "name: no-tasks\n"))
+
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", BUNDLED, ids=[str(p.relative_to(REPO)) for p in BUNDLED])
+def test_bundled_configs_load_and_point_inside_the_repository(path):
+    """Every shipped config validates, and its relative paths (taken from its own folder)
+    land in the repository's runs/ and data/ whatever the current directory."""
+    config = load_config(path)
+    assert config.output_dir.startswith(str(REPO / "runs")), config.output_dir
+    if config.data_dir is not None:
+        assert Path(config.data_dir).is_dir(), config.data_dir
+    for model in config.models:
+        if model.path.startswith("/"):  # a local folder: trained or kept under runs/
+            assert model.path.startswith(str(REPO / "runs")), model.path
