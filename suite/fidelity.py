@@ -49,7 +49,7 @@ from suite.measures import Measure, code_hash
 from suite.online import ExitPolicy, OnlineRun, decode_examples, decode_paired
 from suite.replay import ScoreCache
 from suite.results import ResultRow
-from suite.sweep import Detokenizer
+from suite.sweep import Detokenizer, SweepInputs
 from suite.traces import TraceArrays, write_shard
 
 logger = logging.getLogger(__name__)
@@ -233,6 +233,16 @@ class OnlineContext:
     def example_ids(self) -> list[str]:
         return [e.id for e in self.examples]
 
+    def sweep_inputs(self, trace_dir: Path) -> SweepInputs:
+        """This (task, model) as replay's sweep sees it, with the fit split's traces for
+        learned measures."""
+        return SweepInputs(task=self.task, split=self.task_config.split,
+                           model=self.model_config, trace_dir=trace_dir,
+                           data_dir=self.config.data_dir, limit=self.task_config.limit,
+                           fit_trace_dir=_fit_dir(self.config, self.task_config,
+                                                  self.model_config),
+                           dtype=self.config.dtype)
+
     def quality(self, sequences: Sequence[Sequence[int]]) -> dict:
         """``{"scores", "primary"}`` of the task metric for per-example token lists."""
         from suite.metrics import get_metric
@@ -332,15 +342,12 @@ def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
     )
     from suite.replay import replayed_tokens
     from suite.schedules import build_schedule, replay_scheduled, schedule_extra
-    from suite.sweep import HiddenStateLoader, SweepInputs, fitted_measure, model_info
+    from suite.sweep import HiddenStateLoader, fitted_measure, model_info
 
     config, adapter = ctx.config, ctx.adapter
     num_layers = adapter.num_layers
     name = measure_config.display_name
-    fit_dir = _fit_dir(config, ctx.task_config, ctx.model_config)
-    inputs = SweepInputs(task=ctx.task, split=ctx.task_config.split, model=ctx.model_config,
-                         trace_dir=Path(), data_dir=config.data_dir,
-                         limit=ctx.task_config.limit, fit_trace_dir=fit_dir, dtype=config.dtype)
+    inputs = ctx.sweep_inputs(Path())
     hidden = HiddenStateLoader(ctx.model_config.path, config.data_dir)
     measure = fitted_measure(measure_config, inputs, hidden,
                              fit_cache_dir=Path(config.output_dir) / "measures", seed=config.seed)

@@ -136,6 +136,60 @@ class DecoderAdapter(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class RollbackPlan:
+    """Where each row's kept cache slots come from after a :meth:`DecoderAdapter.rollback`
+    (shared by every adapter): rows stay right-aligned, so row ``b``'s kept slots move
+    right by ``rejected[b] - min(rejected)``."""
+
+    rejected: torch.Tensor
+    """``[B]`` positions dropped per row."""
+    length: int
+    """Slots every layer held before the rollback."""
+    kept: int
+    """Slots every layer holds after it (``length - min(rejected)``)."""
+    source: torch.Tensor
+    """``[B, kept]`` the old slot each new slot is read from (clamped at 0)."""
+    holds: torch.Tensor
+    """``[B, kept]`` whether the new slot holds a position (``False``: freed, to mask)."""
+
+    @property
+    def is_crop(self) -> bool:
+        """Every row drops the same count: the rollback is a plain crop to ``kept``."""
+        return not bool((self.rejected != self.rejected.min()).any()) \
+            if self.rejected.numel() else True
+
+    def gather(self, layers) -> None:
+        """Move every cache layer's keys and values to the plan's slots."""
+        for layer in layers:
+            if self.is_crop:
+                layer.keys = layer.keys[..., :self.kept, :]
+                layer.values = layer.values[..., :self.kept, :]
+                continue
+            batch, heads, _, width = layer.keys.shape
+            index = self.source[:, None, :, None].expand(batch, heads, self.kept, width)
+            layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+
+
+def rollback_plan(layers, num_rejected, device: torch.device) -> RollbackPlan:
+    """Check a rollback of ``num_rejected`` (``[B]``) against the cache ``layers`` (every
+    layer at one length, counts within it) and plan where the kept slots go."""
+    lengths = {layer.get_seq_length() for layer in layers}
+    if len(lengths) != 1:
+        raise ValueError(f"rollback needs every layer's cache at one length, found "
+                         f"{sorted(lengths)}")
+    length = lengths.pop()
+    rejected = torch.as_tensor(num_rejected, dtype=torch.long, device=device)
+    if rejected.numel() and (int(rejected.min()) < 0 or int(rejected.max()) > length):
+        raise ValueError(f"rejected counts {rejected.tolist()} are outside 0..{length}")
+    dropped = int(rejected.min()) if rejected.numel() else 0
+    kept = length - dropped
+    shift = rejected - dropped  # how far right each row's kept slots move
+    source = torch.arange(kept, device=device)[None, :] - shift[:, None]
+    return RollbackPlan(rejected=rejected, length=length, kept=kept,
+                        source=source.clamp(min=0), holds=source >= 0)
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype

@@ -186,6 +186,19 @@ def trace_dir(output_dir: str | Path, task: str, model: str, role: str = "eval",
     return base / kind if role == "eval" else base / file_stem(role) / kind
 
 
+def sweep_inputs(config: SuiteConfig, task: TaskConfig, model: ModelConfig):
+    """One (task, model) of the run as replay's sweep reads it: the evaluated split's
+    generated traces, and the fit split's when they were recorded."""
+    from suite.sweep import SweepInputs
+    from suite.tasks import task_spec
+
+    fit_dir = trace_dir(config.output_dir, task.name, model.name, "fit")
+    return SweepInputs(task=task_spec(task), split=task.split, model=model, limit=task.limit,
+                       trace_dir=trace_dir(config.output_dir, task.name, model.name),
+                       data_dir=config.data_dir, dtype=config.dtype,
+                       fit_trace_dir=fit_dir if (fit_dir / "manifest.json").is_file() else None)
+
+
 @dataclass(frozen=True)
 class RecordJob:
     task: TaskConfig
@@ -428,20 +441,13 @@ class GroupReplayer:
         self._error: BaseException | None = None
 
     def _context(self):
-        from suite.sweep import Sweep, SweepInputs
-        from suite.tasks import task_spec
+        from suite.sweep import Sweep
 
         if self._error is not None:
             raise self._error
         if self._sweep is None:
-            config, task, model = self.config, self.task, self.model
-            fit_dir = trace_dir(config.output_dir, task.name, model.name, "fit")
-            inputs = SweepInputs(task=task_spec(task), split=task.split, model=model,
-                                 limit=task.limit,
-                                 trace_dir=trace_dir(config.output_dir, task.name, model.name),
-                                 data_dir=config.data_dir, dtype=config.dtype,
-                                 fit_trace_dir=fit_dir if (fit_dir / "manifest.json").is_file()
-                                 else None)
+            config = self.config
+            inputs = sweep_inputs(config, self.task, self.model)
             try:
                 self._sweep = Sweep(inputs, config.profiles, config.batch_sizes,
                                     score_cache=self.cache,

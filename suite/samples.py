@@ -95,10 +95,6 @@ def sample_records(*, task: str, model: str, measure: str, mode: str, threshold:
         "score": score}
 
 
-def merge_records(parts: Sequence[dict[str, list]]) -> dict[str, list]:
-    return {name: [v for part in parts for v in part[name]] for name, _, _ in SAMPLE_COLUMNS}
-
-
 def to_table(records: dict[str, list]) -> pa.Table:
     return pa.Table.from_pydict({name: records.get(name, []) for name, _, _ in SAMPLE_COLUMNS},
                                 schema=SAMPLES_SCHEMA)

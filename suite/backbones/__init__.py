@@ -49,10 +49,6 @@ class BackboneFamily(Protocol):
         """A padded batch of the examples at ``indices`` (labels ``-100`` where ignored)."""
         ...
 
-    def target_tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        """Tokens the loss averages over (the weight of this batch in a larger one)."""
-        ...
-
     def loss(self, model: Any, batch: dict[str, torch.Tensor], objective: Objective) -> LossParts:
         """The objective on one batch (a mean over its target tokens)."""
         ...
@@ -101,11 +97,6 @@ class T5Family:
         from suite.training import collate
 
         return collate(data, indices)
-
-    def target_tokens(self, batch):
-        from suite.training import IGNORE_INDEX
-
-        return int((batch["labels"] != IGNORE_INDEX).sum())
 
     def loss(self, model, batch, objective):
         from suite.training import objective_loss

@@ -136,9 +136,6 @@ class CausalLMFamily:
             attention[row, :n] = 1
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
-    def target_tokens(self, batch):
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
     def num_layers(self, model):
         return int(model.config.num_hidden_layers)
 

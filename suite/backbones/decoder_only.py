@@ -48,7 +48,13 @@ import torch
 
 from suite.errors import ExitbenchError
 from suite.measures import ModelDims
-from suite.models import DecodeState, resolve_device, resolve_dtype, resolve_model_folder
+from suite.models import (
+    DecodeState,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_folder,
+    rollback_plan,
+)
 
 DECODER_ONLY_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 """``config.model_type`` values whose blocks fit the layer loop. Tested on random-weight
@@ -291,25 +297,11 @@ class DecoderOnlyAdapter:
             raise ExitbenchError(f"model {self.model_id}: its sliding-window cache has "
                                  f"already dropped old positions; a rollback cannot restore "
                                  f"them (self-speculation needs full-attention layers)")
-        lengths = {layer.get_seq_length() for layer in layers}
-        if len(lengths) != 1:
-            raise ValueError(f"rollback needs every layer's cache at one length, found "
-                             f"{sorted(lengths)}")
-        length = lengths.pop()
-        rejected = torch.as_tensor(num_rejected, dtype=torch.long, device=self.device)
-        if rejected.numel() and (int(rejected.min()) < 0 or int(rejected.max()) > length):
-            raise ValueError(f"rejected counts {rejected.tolist()} are outside 0..{length}")
-        kept = length - (int(rejected.min()) if rejected.numel() else 0)
-        shift = rejected - (length - kept)  # how far right each row's kept slots move
-        source = torch.arange(kept, device=self.device)[None, :] - shift[:, None]
-        holds = source >= 0
-        source = source.clamp(min=0)
-        state.attention_mask = state.attention_mask.gather(1, source) * holds
-        for layer in layers:
-            batch, heads, _, width = layer.keys.shape
-            index = source[:, None, :, None].expand(batch, heads, kept, width)
-            layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
-        state.next_position = state.next_position - rejected
+        plan = rollback_plan(layers, num_rejected, self.device)
+        state.attention_mask = (state.attention_mask[:, :plan.kept] if plan.is_crop else
+                                state.attention_mask.gather(1, plan.source) * plan.holds)
+        plan.gather(layers)
+        state.next_position = state.next_position - plan.rejected
         # slots free in every row are attended by none: drop them
         free_front = int((state.attention_mask.cumsum(1) == 0).all(0).sum())
         if free_front:

@@ -21,6 +21,7 @@ from suite.models import (
     resolve_device,
     resolve_dtype,
     resolve_model_folder,
+    rollback_plan,
 )
 
 
@@ -241,35 +242,17 @@ class T5Adapter:
 
     def rollback(self, state: T5DecodeState, num_rejected: torch.Tensor) -> None:
         layers = state.cache.self_attention_cache.layers
-        lengths = {layer.get_seq_length() for layer in layers}
-        if len(lengths) != 1:
-            raise ValueError(f"rollback needs every layer's cache at one length, found "
-                             f"{sorted(lengths)}")
-        length = lengths.pop()
-        rejected = torch.as_tensor(num_rejected, dtype=torch.long, device=self.device)
-        if rejected.numel() and (int(rejected.min()) < 0 or int(rejected.max()) > length):
-            raise ValueError(f"rejected counts {rejected.tolist()} are outside 0..{length}")
-        dropped = int(rejected.min()) if rejected.numel() else 0
-        kept = length - dropped
-        shift = rejected - dropped  # how far right each row's kept slots move
-        if not bool(shift.any()):  # a plain crop (every row at batch 1)
-            for layer in layers:
-                layer.keys, layer.values = layer.keys[..., :kept, :], layer.values[..., :kept, :]
-            if state.decoder_mask is not None:
-                state.decoder_mask = _slot_mask(state, length)[:, :kept]
-            self._drop_free_front(state)
-            return
-        source = torch.arange(kept, device=self.device)[None, :] - shift[:, None]  # [B, kept]
-        holds = source >= 0
-        source = source.clamp(min=0)
-        mask = _slot_mask(state, length)
-        if mask is None:
-            mask = torch.ones(source.shape[0], length, dtype=torch.long, device=self.device)
-        state.decoder_mask = mask.gather(1, source) * holds
-        for layer in layers:
-            batch, heads, _, width = layer.keys.shape
-            index = source[:, None, :, None].expand(batch, heads, kept, width)
-            layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+        plan = rollback_plan(layers, num_rejected, self.device)
+        mask = _slot_mask(state, plan.length)
+        if plan.is_crop:  # every row drops the same count (always at batch 1)
+            if mask is not None:
+                state.decoder_mask = mask[:, :plan.kept]
+        else:
+            if mask is None:
+                mask = torch.ones(plan.source.shape[0], plan.length, dtype=torch.long,
+                                  device=self.device)
+            state.decoder_mask = mask.gather(1, plan.source) * plan.holds
+        plan.gather(layers)
         self._drop_free_front(state)
 
     @staticmethod

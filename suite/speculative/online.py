@@ -240,18 +240,6 @@ def _decode_batch(adapter: DecoderAdapter, sources: Sequence[Sequence[int]], ids
                      seconds=seconds), cycles
 
 
-def decode_speculative(adapter: DecoderAdapter, sources: Sequence[Sequence[int]],
-                       example_ids: Sequence[str], batch_size: int, max_new_tokens: int,
-                       spec: SelfSpeculation) -> SpeculativeRun:
-    """Decode every example in order, ``batch_size`` at a time, self-speculatively."""
-    runs, logs = [], []
-    for index, (batch, ids) in enumerate(_batches(sources, example_ids, batch_size)):
-        run, cycles = _decode_batch(adapter, batch, ids, max_new_tokens, spec)
-        runs.append(run)
-        logs.append(cycles.shifted(index * batch_size))
-    return SpeculativeRun(run=_joined(runs), cycles=CycleLog.concat(logs))
-
-
 def decode_paired_speculative(adapter: DecoderAdapter, sources: Sequence[Sequence[int]],
                               example_ids: Sequence[str], batch_size: int,
                               max_new_tokens: int, spec: SelfSpeculation

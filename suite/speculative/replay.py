@@ -69,12 +69,6 @@ class SpeculativeReplay:
     def cycles_per_example(self) -> np.ndarray:
         return np.bincount(self.example_index, minlength=self.num_examples)
 
-    def cycle_number(self) -> np.ndarray:
-        """``[C]`` index of each cycle within its example (0, 1, ...)."""
-        counts = self.cycles_per_example()
-        starts = np.cumsum(counts) - counts
-        return np.arange(self.num_cycles) - np.repeat(starts, counts)
-
 
 @dataclass(frozen=True)
 class SpeculativeStatistics:

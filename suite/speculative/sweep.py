@@ -269,23 +269,12 @@ def method_part_key(config: SuiteConfig, task: TaskConfig, model, method: Method
                         "batch_sizes": config.batch_sizes})
 
 
-def sweep_inputs(config: SuiteConfig, task: TaskConfig, model) -> SweepInputs:
-    from suite.runner import trace_dir
-    from suite.tasks import task_spec
-
-    fit_dir = trace_dir(config.output_dir, task.name, model.name, "fit")
-    return SweepInputs(task=task_spec(task), split=task.split, model=model, limit=task.limit,
-                       trace_dir=trace_dir(config.output_dir, task.name, model.name),
-                       data_dir=config.data_dir, dtype=config.dtype,
-                       fit_trace_dir=fit_dir if (fit_dir / "manifest.json").is_file() else None)
-
-
 def run_method_stage(config: SuiteConfig, *, progress: bool = True):
     """Replay every method point not stored yet, per (task, model, method entry), in this
     process (no model runs unless a stopping measure needs hidden states or fitting); a
     failing entry is reported and the others go on."""
     from suite.replay import ScoreCache
-    from suite.runner import StageReport
+    from suite.runner import StageReport, sweep_inputs
 
     report = StageReport("methods")
     started = time.perf_counter()
@@ -420,7 +409,6 @@ def method_online(ctx, method: MethodConfig, *, progress: Callable[[str], None] 
     from suite.fidelity import (
         _agreement,
         _eval_dir,
-        _fit_dir,
         _machine,
         cut_at_eos,
         per_example,
@@ -432,11 +420,7 @@ def method_online(ctx, method: MethodConfig, *, progress: Callable[[str], None] 
     config, adapter = ctx.config, ctx.adapter
     num_layers = adapter.num_layers
     label = method.display_name
-    inputs = SweepInputs(task=ctx.task, split=ctx.task_config.split, model=ctx.model_config,
-                         trace_dir=_eval_dir(config, ctx), data_dir=config.data_dir,
-                         limit=ctx.task_config.limit,
-                         fit_trace_dir=_fit_dir(config, ctx.task_config, ctx.model_config),
-                         dtype=config.dtype)
+    inputs = ctx.sweep_inputs(_eval_dir(config, ctx))
     hidden = HiddenStateLoader(ctx.model_config.path, config.data_dir)
     stop_measure = _stop_measure(method, inputs, hidden, Path(config.output_dir) / "measures",
                                  config.seed)
