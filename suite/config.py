@@ -16,7 +16,7 @@ Example (``configs/example.yaml``; its paths are relative to ``configs/``)::
     tasks:
       - {name: squad, split: "validation[:100]", limit: 100}
     models:
-      - {name: tiny-calm, path: ../runs/quickstart/models/tiny-calm}
+      - {name: tiny-t5-squad, path: ../backbones/tiny-t5-squad}
     measures: [softmax_margin]
     profiles: [generic_cpu]
     batch_sizes: [1, 8, 32]

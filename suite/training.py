@@ -621,17 +621,6 @@ class TrainSettings:
         return values
 
 
-QUICKSTART_SETTINGS = TrainSettings(objective="calm", preset="tiny", tasks=("squad",),
-                                    split="validation[200:]", max_source_tokens=256)
-"""The quickstart's model: tiny CALM on the SQuAD sample, ``validation[:200]`` kept for
-evaluation. Measured on the 2-core development machine: 250 steps took 241 s with the
-machine otherwise idle (~0.96 s/step, so these 200 take ~3.2 minutes); 200 steps took
-281 s while another job used one core. Over 200 steps the objective (calm-weighted CE,
-10-step means) fell from 8.12 to 5.88 and held-out CE per layer ended at 7.00 (layer 1)
-to 6.77 (layer 6), from ln(4100) = 8.32 at initialisation. It learns the answer
-distribution, not yet to copy answer spans (greedy EM 0 on held-out)."""
-
-
 @dataclass(frozen=True)
 class TrainResult:
     folder: str

@@ -13,8 +13,10 @@ from suite.cloze import (
     cloze_question,
     cloze_records,
     passages_of,
-    reconstruction_record,
+    random_cloze_record,
+    random_copy_record,
     windowed_record,
+    word_vocabulary,
 )
 from suite.metrics import squad_metric
 from suite.tasks import format_example, get_task, load_records
@@ -84,9 +86,28 @@ def test_windowed_records_keep_the_question_and_an_answer_span(samples_dir):
     assert shorter > len(records) // 2
 
 
-def test_reconstruction_records_ask_for_the_passage_itself():
-    record = reconstruction_record(PASSAGE, random.Random(1), deletion=0.5)
-    target = record["answers"]["text"][0]
-    assert record["question"] == RECONSTRUCT_QUESTION
-    assert target in PASSAGE and len(record["context"].split()) < len(target.split())
-    assert set(record["context"].split()) <= set(target.split())
+def test_word_vocabulary_keeps_frequent_alphabetic_words_without_the_question_word():
+    text = "What the Broncos did: the Broncos won, 24 to 10. What a game! the end"
+    assert word_vocabulary([text], size=3) == ["the", "broncos"]  # "what" (2nd) is left out
+    assert word_vocabulary([text])[:3] == ["the", "broncos", "did"]
+
+
+def test_random_word_exercises_ask_for_spans_of_their_context():
+    vocabulary = word_vocabulary([PASSAGE])
+    rng = random.Random(3)
+    for _ in range(200):
+        copy = random_copy_record(vocabulary, rng, (3, 8))
+        assert copy["question"] == RECONSTRUCT_QUESTION
+        assert copy["answers"]["text"] == [copy["context"]]
+        assert 3 <= len(copy["context"].split()) <= 8
+        cloze = random_cloze_record(vocabulary, rng, (8, 30))
+        answer, start = cloze["answers"]["text"][0], cloze["answers"]["answer_start"][0]
+        assert cloze["context"][start:start + len(answer)] == answer
+        assert cloze["context"][start - 1:start] in ("", " ")
+        # the question is the context's window with the answer replaced by "what"
+        before, after = cloze["question"][:-1].split("what")
+        window = (before + answer + after).strip()
+        assert window in cloze["context"] and 1 <= len(answer.split()) <= 3
+    again = random.Random(3)
+    assert random_copy_record(vocabulary, again, (3, 8)) == random_copy_record(
+        vocabulary, random.Random(3), (3, 8))

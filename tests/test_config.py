@@ -82,11 +82,12 @@ BUNDLED = sorted((REPO / "configs").rglob("*.yaml"))
 @pytest.mark.parametrize("path", BUNDLED, ids=[str(p.relative_to(REPO)) for p in BUNDLED])
 def test_bundled_configs_load_and_point_inside_the_repository(path):
     """Every shipped config validates, and its relative paths (taken from its own folder)
-    land in the repository's runs/ and data/ whatever the current directory."""
+    land in the repository's runs/, backbones/ and data/ whatever the current directory."""
     config = load_config(path)
     assert config.output_dir.startswith(str(REPO / "runs")), config.output_dir
     if config.data_dir is not None:
         assert Path(config.data_dir).is_dir(), config.data_dir
     for model in config.models:
-        if model.path.startswith("/"):  # a local folder: trained or kept under runs/
-            assert model.path.startswith(str(REPO / "runs")), model.path
+        if model.path.startswith("/"):  # a local folder: trained under runs/, or shipped
+            assert model.path.startswith((str(REPO / "runs"), str(REPO / "backbones"))), \
+                model.path
