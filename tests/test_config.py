@@ -91,3 +91,5 @@ def test_bundled_configs_load_and_point_inside_the_repository(path):
         if model.path.startswith("/"):  # a local folder: trained under runs/, or shipped
             assert model.path.startswith((str(REPO / "runs"), str(REPO / "backbones"))), \
                 model.path
+            if model.path.startswith(str(REPO / "backbones")):  # shipped: must be there
+                assert (Path(model.path) / "config.json").is_file(), model.path
