@@ -157,7 +157,8 @@ def main() -> int:
     parser.add_argument("--data-only", action="store_true",
                         help="write the tokenizer and every stage's examples, train nothing")
     parser.add_argument("--check", action="store_true",
-                        help="compare the weights' SHA-256 with the one recorded in --out")
+                        help="compare the weights' SHA-256 with the one recorded in --out "
+                        "(stages already finished in --work are reused, not retrained)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -235,7 +236,7 @@ def main() -> int:
                           "script": "scripts/train_default_backbone.py",
                           "threads": args.threads, "passages": counts, "examples": examples,
                           "stages": stage_results, "stored_dtype": "float16"}
-    final = work / f"stage-{STAGES[-1].name}"
+    final = init  # the last stage's folder
 
     def fill(folder: Path) -> None:
         model = T5ForConditionalGeneration.from_pretrained(final).half()
