@@ -40,10 +40,11 @@ def main() -> None:
     from suite.measures import get_measure
     from suite.metrics import get_metric
     from suite.results import read_results
-    from suite.runner import describe_backbone, trace_dir
+    from suite.runner import trace_dir
     from suite.sweep import HiddenStateLoader
     from suite.tasks import load_examples, task_spec
     from suite.traces import TraceStore
+    from suite.training import model_label
 
     started = time.perf_counter()
     config = load_config(args.config)
@@ -56,7 +57,7 @@ def main() -> None:
                                              for k, v in figures["stage_seconds"].items())
           + f" (total {sum(figures['stage_seconds'].values()):.0f} s)")
     for model in config.models:
-        print(f"backbone {model.name}: {describe_backbone(model)}")
+        print(f"backbone {model.name}: {model_label(model)}")
         for task in config.tasks:
             store = TraceStore(trace_dir(out, task.name, model.name))
             traces = store.load()

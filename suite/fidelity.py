@@ -343,10 +343,11 @@ def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
     from suite.replay import replayed_tokens
     from suite.schedules import build_schedule, replay_scheduled, schedule_extra
     from suite.sweep import HiddenStateLoader, fitted_measure, model_info
+    from suite.training import model_label
 
     config, adapter = ctx.config, ctx.adapter
     num_layers = adapter.num_layers
-    name = measure_config.display_name
+    name, backbone = measure_config.display_name, model_label(ctx.model_config)
     inputs = ctx.sweep_inputs(Path())
     hidden = HiddenStateLoader(ctx.model_config.path, config.data_dir)
     measure = fitted_measure(measure_config, inputs, hidden,
@@ -454,7 +455,7 @@ def measure_online(ctx: OnlineContext, measure_config: MeasureConfig, *,
             entries.append(entry)
             rows.append(ResultRow(
                 task=ctx.task.name, split=ctx.task_config.split, model=ctx.model_config.name,
-                model_label=ctx.model_config.label or ctx.model_config.name, measure=name,
+                model_label=backbone, measure=name,
                 measure_options=json.dumps(measure_config.options, sort_keys=True),
                 deployable=True, threshold=float(threshold), min_layer=measure_config.min_layer,
                 profile=ctx.profile.name if ctx.profile is not None else f"online-{config.device}",

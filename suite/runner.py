@@ -848,19 +848,6 @@ def run_calibration_stage(config: SuiteConfig) -> StageReport:
                        notes=[f"{k} failed: {v}" for k, v in result.errors.items()])
 
 
-def describe_backbone(model: ModelConfig) -> str:
-    """What a backbone is, for the run's summary: the config's label, else the label its
-    model folder records, else its path."""
-    if model.label:
-        return model.label
-    from suite.training import read_model_metadata
-
-    try:
-        return str(read_model_metadata(model.path).get("label") or model.path)
-    except (ExitbenchError, OSError, ValueError):
-        return model.path
-
-
 # -- validation --------------------------------------------------------------------------------------
 def validation_path(output_dir: str | Path, measure: MeasureConfig) -> Path:
     return Path(output_dir) / "validation" / f"{file_stem(measure.display_name)}.json"
@@ -1051,7 +1038,9 @@ def run_suite(config: SuiteConfig, config_path: str | None = None, *, progress: 
     summary = RunSummary(output_dir=output, stages=[])
     with run_lock(output):
         summary.stages.append(ensure_backbones(config, progress=progress))
-        summary.backbones = [f"{m.name}: {describe_backbone(m)}" for m in config.models]
+        from suite.training import model_label
+
+        summary.backbones = [f"{m.name}: {model_label(m)}" for m in config.models]
         started_ray = init_ray(config.ray.address, config.ray.num_cpus, output / "logs")
         try:
             summary.stages.append(run_record_stage(with_submissions(config), progress=progress,

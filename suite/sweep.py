@@ -384,8 +384,10 @@ class Sweep:
     def measure_rows(self, config: MeasureConfig) -> list[ResultRow]:
         """Fit (when it learns), score, replay every threshold, score the outputs with the
         task metric and price them on every profile and batch size: the measure's rows."""
+        from suite.training import model_label
+
         inputs, traces, info = self.inputs, self.traces, self.info
-        name = config.display_name
+        name, backbone = config.display_name, model_label(inputs.model)
         measure = _measure_call(name, "building it",
                                 lambda: instantiate(config, inputs.model.path))
         if measure.needs_fit:
@@ -432,7 +434,7 @@ class Sweep:
                 for k, threshold in enumerate(thresholds):
                     rows.append(ResultRow(
                         task=inputs.task.name, split=inputs.split, model=inputs.model.name,
-                        model_label=inputs.model.label or inputs.model.name, measure=name,
+                        model_label=backbone, measure=name,
                         measure_options=options_json, deployable=measure.deployable,
                         threshold=float(threshold), min_layer=config.min_layer,
                         profile=profile.name, profile_kind=profile.kind,

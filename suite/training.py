@@ -979,6 +979,18 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
+def model_label(model) -> str:
+    """What a backbone (a config's ``ModelConfig``) is, for result rows and the run's
+    summary: the config's label, else the label its model folder records (a shipped or
+    trained folder), else its name."""
+    if model.label:
+        return model.label
+    try:
+        return str(read_model_metadata(model.path).get("label") or model.name)
+    except (ExitbenchError, OSError, ValueError):
+        return model.name
+
+
 def read_model_metadata(folder: str | Path) -> dict[str, Any]:
     """``exitbench_model.json`` of a model folder written by :func:`train`."""
     path = Path(folder) / MODEL_METADATA_FILE

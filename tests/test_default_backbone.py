@@ -47,3 +47,13 @@ def test_default_backbone_answers_depend_on_the_question(answers):
     # most answers are words of their own context (it learned to copy, not to babble)
     copied = sum(all(w in e.source for w in p.split()) for e, p in zip(examples, predicted) if p)
     assert copied >= len(predicted) // 2, list(zip(predicted, [e.references[0] for e in examples]))
+
+
+def test_rows_and_summaries_name_a_backbone_by_its_folders_label_when_the_config_has_none(tmp_path):
+    from suite.config import ModelConfig
+    from suite.training import model_label
+
+    recorded = json.loads((FOLDER / MODEL_METADATA_FILE).read_text())["label"]
+    assert model_label(ModelConfig(name="tiny-t5-squad", path=str(FOLDER))) == recorded
+    assert model_label(ModelConfig(name="m", path=str(FOLDER), label="mine")) == "mine"
+    assert model_label(ModelConfig(name="m", path=str(tmp_path / "absent"))) == "m"

@@ -149,8 +149,10 @@ def _row(*, task: str, split: str, model, spec: SelfSpeculation, label: str, pro
          speedup: float, num_examples: int, num_tokens: int, traces_hash: str,
          stats: SpeculativeStatistics, extra: dict[str, Any]) -> ResultRow:
     """A self-speculative result row: every token is the last layer's (verified)."""
+    from suite.training import model_label
+
     return ResultRow(
-        task=task, split=split, model=model.name, model_label=model.label or model.name,
+        task=task, split=split, model=model.name, model_label=model_label(model),
         measure=label, measure_options=options_json(spec), deployable=True,
         threshold=float(spec.stop.threshold) if spec.stop is not None else 0.0, min_layer=0,
         profile=profile.name, profile_kind=profile.kind, batch_size=int(batch_size), mode=mode,
